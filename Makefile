@@ -1,0 +1,45 @@
+# Every command a user needs; `make help` lists them. The first use of any
+# target creates .venv and installs the project from pyproject.toml.
+# PYTHON=/path/to/python uses that interpreter instead of creating .venv.
+# ARGS="..." passes Hydra overrides through, e.g. make train ARGS="model.weights=null".
+
+SHELL := /bin/bash
+PYTHON ?=
+ARGS ?=
+TESTS ?= tests
+
+ifeq ($(strip $(PYTHON)),)
+PY := .venv/bin/python
+STAMP := .venv/.installed
+else
+PY := $(PYTHON)
+STAMP := .make/installed-$(subst /,_,$(PYTHON))
+endif
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train test bench clean-runs
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+ifeq ($(strip $(PYTHON)),)
+	python3 -m venv .venv
+endif
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@mkdir -p $(dir $@) && touch $@
+
+setup: $(STAMP) ## create .venv and install the project (train and test do this themselves)
+
+train: $(STAMP) ## train (writes sample data into data/ if it has no images); ARGS="overrides"
+	$(PY) -m pipeline $(ARGS)
+
+test: $(STAMP) ## run the whole test suite (unit + end-to-end); TESTS=path narrows it
+	$(PY) -m pytest $(TESTS)
+
+bench: $(STAMP) ## measure speed ratios (not part of the tests)
+	$(PY) -m pipeline.bench $(ARGS)
+
+clean-runs: ## delete outputs/ and multirun/ (Hydra's logs); never touches ckpt/, model/ or data/
+	rm -rf outputs multirun

@@ -1,0 +1,57 @@
+"""`python -m pipeline [overrides]`: compose the config, validate it, hand off to train.run.
+
+Errors a user can fix (a bad key, a broken folder, missing weights, foreign
+checkpoints) end with one message naming the culprit and exit code 2, no
+traceback; HYDRA_FULL_ERROR=1 shows the traceback for debugging.
+"""
+import os
+import sys
+
+# TensorFlow's C++ start-up chatter hides the messages that matter.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from .config import ConfigError, register_schema, to_config  # noqa: E402
+
+# Hydra's run and sweep folders are named from the overrides, not the clock, so
+# the same command finds its own folder again; no overrides means "default".
+OmegaConf.register_new_resolver("run_name", lambda dirname: dirname or "default", replace=True)
+register_schema()
+
+
+def parse_resume(value):
+    """`+resume=true|false` adds the key; absent means resume by itself when possible."""
+    if value is None or isinstance(value, bool):
+        return value
+    raise ConfigError(f"resume={value!r} must be true or false (spelled +resume=true / +resume=false)")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig):
+    try:
+        resume = parse_resume(cfg.get("resume"))
+        config, notes = to_config(cfg)
+        for note in notes:
+            print(f"note: {note}")
+        from .train import run  # TensorFlow loads only after the config is known good
+
+        return run(config, resume)
+    except Exception as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_user_error(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def is_user_error(err: Exception) -> bool:
+    if isinstance(err, ConfigError):
+        return True
+    from .train import USER_ERRORS
+
+    return isinstance(err, USER_ERRORS)
+
+
+if __name__ == "__main__":
+    main()

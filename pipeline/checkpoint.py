@@ -1,0 +1,305 @@
+"""Writing, finding, verifying and restoring checkpoints.
+
+A checkpoint is the model file in the chosen format (loadable the seed's way),
+a `.state.npz` with what that file may not hold (optimizer slots and step
+count, dropout's random state), and a `.manifest.json` with the training
+position, the sha256 of every file and the run's fingerprint. Each file is
+written under a temporary name, fsynced and renamed into place; the manifest
+goes last and is the commit point, so a kill at any moment leaves either the
+whole checkpoint or none of it, and the older ones intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import keras
+import tensorflow as tf
+
+from .config import CheckpointConfig
+
+SUFFIXES = {"keras": ".keras", "h5": ".h5", "weights_h5": ".weights.h5", "tf_checkpoint": ".ckpt"}
+MANIFEST = ".manifest.json"
+PENDING = ".pending.json"
+STATE = ".state.npz"
+ARCHIVE = "archive"
+INCOMING = ".incoming-"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one is needed, or one from another run."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands: enough to continue exactly where it stopped."""
+    phase: str = "head"          # the phase the next step belongs to
+    phase_epoch: int = 0         # epochs of that phase completed
+    epoch: int = 0               # epochs completed over all phases (names the files)
+    batch: int = 0               # batches of the next epoch already trained
+    best: Optional[float] = None
+    best_stem: Optional[str] = None
+    lineage: list = field(default_factory=list)  # checkpoints each resume started from
+
+
+@dataclass
+class Checkpoint:
+    stem: str
+    manifest: dict
+    path: Path   # the manifest's path
+
+    @property
+    def state(self) -> TrainState:
+        return TrainState(**self.manifest["state"])
+
+
+def reach(point: str) -> None:
+    """Test hook: `PIPELINE_KILL_AT=<point>` SIGKILLs this process right here.
+
+    The production path runs the same code; the hook only lets a test kill
+    inside a save step at an exact place rather than at a random moment.
+    """
+    if os.environ.get("PIPELINE_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- writing -------------------------------------------------------------
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model_file(model: keras.Model, fmt: str, target: Path, twin: Optional[keras.Model]) -> None:
+    """Write the model in `fmt` at `target` (inside a scratch folder)."""
+    if fmt in ("keras", "h5"):
+        model.save(str(target))
+    elif fmt == "weights_h5":
+        model.save_weights(str(target))
+    else:
+        # The twin is the same architecture without an optimizer, so the
+        # checkpoint holds model weights only and `tf.train.Checkpoint(model=m)
+        # .restore(...)` works whatever optimizer the reader's model carries.
+        twin.set_weights(model.get_weights())
+        tf.train.Checkpoint(model=twin).write(str(target))
+
+
+def save_state_file(model: keras.Model, target: Path) -> None:
+    arrays = {f"opt_{i:05d}": v.numpy() for i, v in enumerate(model.optimizer.variables)}
+    for i, gen in enumerate(seed_generators(model)):
+        arrays[f"seed_{i:03d}"] = gen.state.numpy()
+    with open(target, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def seed_generators(model: keras.Model) -> list:
+    """Dropout's random state lives outside model.weights; saved separately for exact resume."""
+    return [layer.seed_generator for layer in model._flatten_layers()
+            if getattr(layer, "seed_generator", None) is not None]
+
+
+def checkpoint_stem(cfg: CheckpointConfig, state: TrainState, logs: dict) -> str:
+    """The configured filename filled in, made unique if a pattern without {epoch} repeats itself."""
+    metrics = {k: logs.get(k, float("nan")) for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+    name = cfg.filename.format(epoch=state.epoch, **metrics)
+    directory = Path(cfg.dir)
+    stem = name if state.batch == 0 else f"{name}-b{state.batch:05d}"
+    if (directory / (stem + MANIFEST)).exists() or (directory / (stem + PENDING)).exists():
+        stem = f"{stem}-e{state.epoch:03d}b{state.batch:05d}"
+    return stem
+
+
+def save_checkpoint(model: keras.Model, cfg: CheckpointConfig, stem: str, state: TrainState, logs: dict,
+                    fingerprint: dict, twin: Optional[keras.Model] = None) -> Checkpoint:
+    """Write one checkpoint atomically as `stem`; return it once committed."""
+    directory = Path(cfg.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=INCOMING, dir=directory))
+    try:
+        save_model_file(model, cfg.format, scratch / (stem + SUFFIXES[cfg.format]), twin)
+        save_state_file(model, scratch / (stem + STATE))
+        reach("after_write")
+        files = sorted(p.name for p in scratch.iterdir())
+        for name_ in files:
+            fsync_file(scratch / name_)
+        # The intent record lets a later run remove files renamed into place
+        # by a run killed before its manifest committed; nothing else is touched.
+        write_json_atomic(directory / (stem + PENDING), {"files": files})
+        digests = {}
+        for name_ in files:
+            digests[name_] = sha256(scratch / name_)
+            os.replace(scratch / name_, directory / name_)
+        fsync_dir(directory)
+        reach("before_manifest")
+        manifest = {"version": 1, "stem": stem, "format": cfg.format, "files": digests,
+                    "state": asdict(state), "logs": logs, "fingerprint": fingerprint,
+                    "created": time.time()}
+        write_json_atomic(directory / (stem + MANIFEST), manifest)
+        reach("after_manifest")
+        (directory / (stem + PENDING)).unlink()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if cfg.format == "tf_checkpoint":
+        point_tf_checkpoint(directory, stem)
+    return Checkpoint(stem, manifest, directory / (stem + MANIFEST))
+
+
+def point_tf_checkpoint(directory: Path, stem: str) -> None:
+    """Keep TensorFlow's `checkpoint` file naming the newest, for tf.train.latest_checkpoint."""
+    text = f'model_checkpoint_path: "{stem}.ckpt"\nall_model_checkpoint_paths: "{stem}.ckpt"\n'
+    tmp = directory / f".checkpoint.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    fsync_file(tmp)
+    os.replace(tmp, directory / "checkpoint")
+
+
+# ---- finding, pruning, archiving ----------------------------------------
+
+def list_checkpoints(directory: Path) -> list[Checkpoint]:
+    """Committed checkpoints, oldest first. An unreadable manifest is skipped with a warning."""
+    found = []
+    for path in Path(directory).glob("*" + MANIFEST):
+        try:
+            manifest = json.loads(path.read_text())
+            found.append(Checkpoint(manifest["stem"], manifest, path))
+        except (OSError, ValueError, KeyError) as err:
+            print(f"warning: ignoring unreadable checkpoint manifest {path}: {err}")
+    return sorted(found, key=lambda c: (c.state.epoch, c.state.batch, c.manifest.get("created", 0)))
+
+
+def clean_leftovers(directory: Path) -> None:
+    """Remove what a killed save left behind: scratch folders and uncommitted files."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for scratch in directory.glob(INCOMING + "*"):
+        shutil.rmtree(scratch, ignore_errors=True)
+    for tmp in directory.glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+    for pending in directory.glob("*" + PENDING):
+        stem = pending.name[: -len(PENDING)]
+        if not (directory / (stem + MANIFEST)).exists():
+            with contextlib.suppress(OSError, ValueError):
+                for name in json.loads(pending.read_text())["files"]:
+                    (directory / name).unlink(missing_ok=True)
+        pending.unlink(missing_ok=True)
+
+
+def delete_checkpoint(ckpt: Checkpoint) -> None:
+    # The manifest goes first: a kill midway leaves unreferenced files, never a
+    # manifest that points at missing ones.
+    ckpt.path.unlink(missing_ok=True)
+    for name in ckpt.manifest["files"]:
+        (ckpt.path.parent / name).unlink(missing_ok=True)
+
+
+def prune(directory: Path, keep_last: int, best_stem: Optional[str]) -> None:
+    """Keep the newest `keep_last` committed checkpoints and the best one."""
+    checkpoints = list_checkpoints(directory)
+    for ckpt in checkpoints[:-keep_last]:
+        if ckpt.stem != best_stem:
+            delete_checkpoint(ckpt)
+
+
+def archive_all(directory: Path) -> Optional[Path]:
+    """Move everything in `directory` into archive/<time>/ (for +resume=false); delete nothing."""
+    directory = Path(directory)
+    entries = [p for p in directory.iterdir() if p.name not in (ARCHIVE, ".gitkeep")] if directory.is_dir() else []
+    if not entries:
+        return None
+    target = directory / ARCHIVE / time.strftime("%Y%m%d-%H%M%S")
+    while target.exists():
+        target = target.with_name(target.name + "_")
+    target.mkdir(parents=True)
+    for entry in entries:
+        os.replace(entry, target / entry.name)
+    fsync_dir(directory)
+    return target
+
+
+# ---- verifying and restoring ---------------------------------------------
+
+def verify(ckpt: Checkpoint) -> Optional[str]:
+    """None if every file is present and matches its sha256, else the reason."""
+    for name, digest in ckpt.manifest["files"].items():
+        path = ckpt.path.parent / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256(path) != digest:
+            return f"{path} fails its checksum (truncated or altered)"
+    return None
+
+
+def restore(model: keras.Model, ckpt: Checkpoint) -> None:
+    """Load weights, optimizer state and dropout's random state into a compiled model."""
+    directory = ckpt.path.parent
+    fmt = ckpt.manifest["format"]
+    model_file = directory / (ckpt.stem + SUFFIXES[fmt])
+    if fmt == "tf_checkpoint":
+        tf.train.Checkpoint(model=model).restore(str(model_file)).expect_partial()
+    else:
+        model.load_weights(str(model_file))
+    with np.load(directory / (ckpt.stem + STATE)) as state:
+        restore_optimizer(model, [state[k] for k in sorted(state.files) if k.startswith("opt_")])
+        for gen, key in zip(seed_generators(model), sorted(k for k in state.files if k.startswith("seed_"))):
+            gen.state.assign(state[key])
+
+
+def restore_optimizer(model: keras.Model, values: list) -> None:
+    optimizer = model.optimizer
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    variables = optimizer.variables
+    if len(variables) != len(values):
+        raise CheckpointError(f"optimizer state has {len(values)} variables, the model's optimizer "
+                              f"{len(variables)}: the checkpoint was made with other trainable layers")
+    for var, value in zip(variables, values):
+        # The learning rate comes from the configuration, so a user may change it on resume.
+        if var.path.endswith("learning_rate"):
+            continue
+        if tuple(var.shape) != value.shape:
+            raise CheckpointError(f"optimizer variable {var.path} has shape {tuple(var.shape)}, "
+                                  f"the checkpoint {value.shape}")
+        var.assign(value)
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """Readable lines for every compatibility key that changed."""
+    return [f"{key}: checkpoints have {saved.get(key)!r}, this run has {current.get(key)!r}"
+            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]

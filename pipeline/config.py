@@ -1,0 +1,211 @@
+"""The typed schema of conf/ and the checks Hydra's types cannot express.
+
+Hydra merges conf/*.yaml onto these dataclasses, so a wrong *type* (a word where
+a number belongs) is refused while composing. `validate` then checks ranges,
+choices and paths, and names the key, the bad value and what is allowed.
+Nothing below the entry point sees Hydra: `to_config` turns the composed
+DictConfig into these plain objects.
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data"
+    image_size: int = 150
+    batch_size: int = 32
+    validation_split: float = 0.2
+    make_sample_if_empty: bool = True
+    workers: int = 2
+    interpolation: str = "bilinear"
+    rotation_range: float = 20.0
+    width_shift_range: float = 0.1
+    height_shift_range: float = 0.1
+    shear_range: float = 10.0
+    zoom_range: float = 0.2
+    horizontal_flip: bool = True
+    fill_mode: str = "nearest"
+
+
+@dataclass
+class ModelConfig:
+    weights: Optional[str] = "imagenet"
+    dropout: float = 0.2
+    random_init_bn_momentum: float = 0.9
+    save_path: str = "model/my_saved_InceptionV3_model.h5"
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = 1
+    lr: float = 1e-3
+    optimizer: str = "adam"
+
+
+@dataclass
+class FinetuneConfig(PhaseConfig):
+    unfreeze_after: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    deterministic: bool = True
+    head: PhaseConfig = field(default_factory=PhaseConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "ckpt"
+    filename: str = "transfer_{epoch:02d}-{val_accuracy:.2f}"
+    format: str = "keras"
+    monitor: str = "val_accuracy"
+    mode: str = "auto"
+    save_best_only: bool = False
+    every: int = 1
+    keep_last: int = 3
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def register_schema() -> None:
+    """Make the schema the base that conf/config.yaml's defaults list extends."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+CHECKPOINT_FORMATS = ("keras", "h5", "weights_h5", "tf_checkpoint")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+FILENAME_FIELDS = ("epoch",) + METRICS
+# The seed (Keras 2) spelled accuracy "acc"; Keras 3 logs only "accuracy".
+SEED_SPELLINGS = {"val_acc": "val_accuracy", "acc": "accuracy"}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+FILL_MODES = ("constant", "nearest", "reflect", "wrap")
+
+
+def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
+    """Turn Hydra's composed config into plain dataclasses and validate them.
+
+    Returns the config and one-line notes on seed spellings that were translated.
+    """
+    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+             if k in Config.__dataclass_fields__}
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))
+    notes = translate_seed_spellings(config.checkpoint)
+    validate(config)
+    return config, notes
+
+
+def translate_seed_spellings(ckpt: CheckpointConfig) -> list[str]:
+    """Accept the seed's `val_acc`/`acc`, rewriting them to Keras 3's names."""
+    notes = []
+    if ckpt.monitor in SEED_SPELLINGS:
+        new = SEED_SPELLINGS[ckpt.monitor]
+        notes.append(f"checkpoint.monitor: '{ckpt.monitor}' is Keras 2's name; using '{new}'")
+        ckpt.monitor = new
+    fields = filename_fields(ckpt.filename)
+    for old, new in SEED_SPELLINGS.items():
+        if old in fields:
+            ckpt.filename = ckpt.filename.replace("{" + old, "{" + new)
+            notes.append(f"checkpoint.filename: '{{{old}}}' is Keras 2's name; using '{{{new}}}'")
+    return notes
+
+
+def filename_fields(pattern: str) -> list[str]:
+    """The placeholder names in a checkpoint filename pattern."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(pattern) if name]
+    except ValueError as err:
+        raise ConfigError(f"checkpoint.filename={pattern!r} is not a valid pattern: {err}") from None
+
+
+def validate(config: Config) -> None:
+    """Check every range, choice and path; raise ConfigError naming the key."""
+    d, m, t, c = config.data, config.model, config.train, config.checkpoint
+    at_least("data.image_size", d.image_size, 75, "InceptionV3 needs at least 75 px")
+    at_least("data.batch_size", d.batch_size, 1)
+    at_least("data.workers", d.workers, 0)
+    between("data.validation_split", d.validation_split, 0.0, 1.0)
+    one_of("data.interpolation", d.interpolation, INTERPOLATIONS)
+    one_of("data.fill_mode", d.fill_mode, FILL_MODES)
+    for key in ("rotation_range", "shear_range", "width_shift_range", "height_shift_range", "zoom_range"):
+        at_least(f"data.{key}", getattr(d, key), 0)
+    if not Path(d.dir).is_dir() and not d.make_sample_if_empty:
+        raise ConfigError(f"data.dir={d.dir!r} is not a folder; point it at a folder with train/ (and validation/)")
+    validate_weights(m.weights)
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    between("model.random_init_bn_momentum", m.random_init_bn_momentum, 0.0, 1.0)
+    if not m.save_path.endswith(".h5"):
+        raise ConfigError(f"model.save_path={m.save_path!r} must end in .h5 (the final model is an HDF5 file)")
+    for name, phase in (("head", t.head), ("finetune", t.finetune)):
+        at_least(f"train.{name}.epochs", phase.epochs, 0)
+        if not phase.lr > 0:
+            raise ConfigError(f"train.{name}.lr={phase.lr} must be > 0")
+        one_of(f"train.{name}.optimizer", phase.optimizer, OPTIMIZERS)
+    if t.head.epochs + t.finetune.epochs == 0:
+        raise ConfigError("train.head.epochs and train.finetune.epochs are both 0: nothing to train")
+    one_of("checkpoint.format", c.format, CHECKPOINT_FORMATS)
+    one_of("checkpoint.monitor", c.monitor, METRICS)
+    one_of("checkpoint.mode", c.mode, ("auto", "min", "max"))
+    at_least("checkpoint.every", c.every, 1)
+    at_least("checkpoint.keep_last", c.keep_last, 1)
+    validate_filename(c.filename)
+
+
+def validate_weights(weights: Optional[str]) -> None:
+    if weights in (None, "imagenet"):
+        return
+    if not Path(weights).is_file():
+        raise ConfigError(
+            f"model.weights={weights!r}: no such file. Use 'imagenet', null (random init) "
+            "or the path of an InceptionV3 no-top weights file (.h5)")
+
+
+def validate_filename(pattern: str) -> None:
+    """Refuse a placeholder no metric fills now, not after the first epoch."""
+    for name in filename_fields(pattern):
+        if name not in FILENAME_FIELDS:
+            raise ConfigError(
+                f"checkpoint.filename={pattern!r}: no metric fills '{{{name}}}'; "
+                f"placeholders can be {', '.join(FILENAME_FIELDS)}")
+    try:
+        pattern.format(epoch=1, **{k: 0.5 for k in METRICS})
+    except (ValueError, IndexError, KeyError) as err:
+        raise ConfigError(f"checkpoint.filename={pattern!r} cannot be formatted: {err}") from None
+    if "/" in pattern or pattern.startswith("."):
+        raise ConfigError(f"checkpoint.filename={pattern!r} must be a plain file name (set checkpoint.dir for the folder)")
+
+
+def at_least(key: str, value, low, why: str = "") -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value} must be >= {low}" + (f" ({why})" if why else ""))
+
+
+def between(key: str, value, low, high) -> None:
+    if not low < value < high:
+        raise ConfigError(f"{key}={value} must be between {low} and {high} (exclusive)")
+
+
+def one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")

@@ -1,0 +1,138 @@
+"""InceptionV3 with a new head; which layers train in each phase; compiling.
+
+The model takes raw RGB pixels 0-255 and carries Inception's scaling inside
+(a Rescaling layer), so whoever loads the saved file can feed a resized photo.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Optional
+
+import keras
+from keras import layers
+
+from .config import ConfigError, ModelConfig
+
+BASE_NAME = "inception_v3"
+# Keras's own download location and file for the no-top ImageNet weights.
+IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/"
+                "inception_v3/" + IMAGENET_FILE)
+IMAGENET_HASH = "bcbd6486424b2319ff4ef7d526e38f63"
+DOWNLOAD_TIMEOUT_S = 20
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that cannot be had; the message says what to do."""
+
+
+def build_model(cfg: ModelConfig, n_classes: int, image_size: int) -> keras.Model:
+    """Raw pixels -> Inception scaling -> InceptionV3 base -> pooling, dropout, softmax."""
+    base = create_base(cfg, image_size)
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="inception_scaling")(inputs)
+    x = base(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(cfg.dropout, name="dropout")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="inception_v3_transfer")
+
+
+def create_base(cfg: ModelConfig, image_size: int) -> keras.Model:
+    base = keras.applications.InceptionV3(
+        include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+    if cfg.weights is None:
+        # Random BatchNorm statistics must be learnt from scratch; a faster
+        # moving average lets them settle within the few hundred steps we train.
+        for layer in base.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = cfg.random_init_bn_momentum
+        return base
+    path = fetch_imagenet_weights() if cfg.weights == "imagenet" else Path(cfg.weights)
+    try:
+        base.load_weights(str(path))
+    except Exception as err:  # h5py/Keras raise many kinds for a foreign file
+        raise WeightsError(
+            f"model.weights={cfg.weights!r}: {path} is not InceptionV3 no-top weights ({err}). "
+            f"Use a file like Keras's {IMAGENET_FILE}, or model.weights=null to train from scratch."
+        ) from None
+    return base
+
+
+def fetch_imagenet_weights() -> Path:
+    """Keras's cached ImageNet weights, downloaded on first use; fail within seconds offline."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return Path(keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models",
+                                         file_hash=IMAGENET_HASH))
+    except Exception as err:
+        cache = Path(keras.config.keras_home() if hasattr(keras.config, "keras_home")
+                     else Path.home() / ".keras") / "models" / IMAGENET_FILE
+        raise WeightsError(
+            f"model.weights=imagenet: the ImageNet weights could not be downloaded ({err}).\n"
+            f"Either put {IMAGENET_FILE} at {cache} or pass its path: model.weights=/path/to/{IMAGENET_FILE}\n"
+            "or train from random weights: model.weights=null"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def base_of(model: keras.Model) -> keras.Model:
+    return model.get_layer(BASE_NAME)
+
+
+def resolve_unfreeze_after(value: str, pretrained: bool) -> Optional[str]:
+    """`auto` means the classic top two blocks when pretrained, the whole base otherwise."""
+    if value == "auto":
+        return "mixed8" if pretrained else None
+    return None if value == "none" else value
+
+
+def check_unfreeze_after(model: keras.Model, value: str) -> None:
+    if value in ("auto", "none"):
+        return
+    names = [layer.name for layer in base_of(model).layers]
+    if value not in names:
+        blocks = ", ".join(n for n in names if n.startswith("mixed") and "_" not in n)
+        raise ConfigError(f"train.finetune.unfreeze_after={value!r} is not an InceptionV3 layer; "
+                          f"use none, auto, or a block end such as {blocks}")
+
+
+def set_trainable(model: keras.Model, phase: str, unfreeze_after: Optional[str], pretrained: bool) -> None:
+    """Freeze what this phase must not change.
+
+    head: the whole base is frozen. finetune: layers after `unfreeze_after`
+    train. With pretrained weights BatchNorm stays frozen, which in Keras 3
+    also runs it in inference mode, so its ImageNet statistics are kept; a
+    random base has no statistics worth keeping, so there BatchNorm learns.
+    """
+    base = base_of(model)
+    if phase == "head":
+        base.trainable = False
+        return
+    base.trainable = True
+    frozen = unfreeze_after is not None
+    for layer in base.layers:
+        if isinstance(layer, layers.BatchNormalization) and pretrained:
+            layer.trainable = False
+        elif frozen:
+            layer.trainable = False
+        if layer.name == unfreeze_after:
+            frozen = False
+
+
+def make_optimizer(name: str, lr: float) -> keras.optimizers.Optimizer:
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=lr)
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def compile_model(model: keras.Model, optimizer_name: str, lr: float) -> None:
+    # optimizer= by keyword: positionally, a reloaded .keras file gets a different optimizer.
+    # jit_compile=False: XLA was slower than plain TensorFlow on this CPU.
+    model.compile(optimizer=make_optimizer(optimizer_name, lr), loss="categorical_crossentropy",
+                  metrics=["accuracy"], jit_compile=False)
