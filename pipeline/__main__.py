@@ -21,6 +21,21 @@ OmegaConf.register_new_resolver("run_name", lambda dirname: dirname or "default"
 register_schema()
 
 
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with stderr closed: its C++ start-up logs (oneDNN, CUDA probes)
+    ignore TF_CPP_MIN_LOG_LEVEL and bury the run's own messages. Python errors still raise."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def parse_resume(value):
     """`+resume=true|false` adds the key; absent means resume by itself when possible."""
     if value is None or isinstance(value, bool):
@@ -35,7 +50,8 @@ def main(cfg: DictConfig):
         config, notes = to_config(cfg)
         for note in notes:
             print(f"note: {note}")
-        from .train import run  # TensorFlow loads only after the config is known good
+        import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
+        from .train import run
 
         return run(config, resume)
     except Exception as err:

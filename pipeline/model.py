@@ -5,6 +5,7 @@ The model takes raw RGB pixels 0-255 and carries Inception's scaling inside
 """
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Optional
@@ -17,8 +18,10 @@ from .config import ConfigError, ModelConfig
 BASE_NAME = "inception_v3"
 # Keras's own download location and file for the no-top ImageNet weights.
 IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
-IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/"
-                "inception_v3/" + IMAGENET_FILE)
+# PIPELINE_IMAGENET_URL points at a mirror (a file server inside a firewall, or a
+# dead address in the tests, which must fail the same way on any machine).
+IMAGENET_URL = os.environ.get("PIPELINE_IMAGENET_URL", "https://storage.googleapis.com/tensorflow/"
+                              "keras-applications/inception_v3/" + IMAGENET_FILE)
 IMAGENET_HASH = "bcbd6486424b2319ff4ef7d526e38f63"
 DOWNLOAD_TIMEOUT_S = 20
 
@@ -112,13 +115,13 @@ def set_trainable(model: keras.Model, phase: str, unfreeze_after: Optional[str],
     if phase == "head":
         base.trainable = False
         return
+    # Every layer is set explicitly: Keras 3 does not pass `base.trainable = True`
+    # down to sublayers when the base was already trainable.
     base.trainable = True
     frozen = unfreeze_after is not None
     for layer in base.layers:
-        if isinstance(layer, layers.BatchNormalization) and pretrained:
-            layer.trainable = False
-        elif frozen:
-            layer.trainable = False
+        bn_kept = isinstance(layer, layers.BatchNormalization) and pretrained
+        layer.trainable = not (frozen or bn_kept)
         if layer.name == unfreeze_after:
             frozen = False
 

@@ -93,6 +93,10 @@ def run(cfg: Config, resume: Optional[bool] = None) -> dict:
     configure_tensorflow(cfg)
     ensure_sample_data(cfg.data)
     data = read_dataset(cfg.data)
+    # The model is built before anything in checkpoint.dir is touched, so weights
+    # that cannot be had stop the run with every folder as it was.
+    model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
+    check_unfreeze_after(model, cfg.train.finetune.unfreeze_after)
     fingerprint = make_fingerprint(cfg, data)
     plan = plan_resume(Path(cfg.checkpoint.dir), fingerprint, resume)
     phases = plan_phases(cfg)
@@ -101,18 +105,17 @@ def run(cfg: Config, resume: Optional[bool] = None) -> dict:
         print(f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
               f"{done}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
         return {"complete": True, "model": cfg.model.save_path}
-
-    model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
-    check_unfreeze_after(model, cfg.train.finetune.unfreeze_after)
     twin = (build_model(cfg.model, len(data.class_names), cfg.data.image_size)
             if cfg.checkpoint.format == "tf_checkpoint" else None)
     pretrained = cfg.model.weights is not None
     unfreeze_after = resolve_unfreeze_after(cfg.train.finetune.unfreeze_after, pretrained)
 
     def prepare(state: TrainState) -> keras.Model:
-        phase = next((p for p in phases if p.name == state.phase), phases[0])
-        set_trainable(model, phase.name, unfreeze_after, pretrained)
-        compile_model(model, phase.cfg.optimizer, phase.cfg.lr)
+        # By the state's own phase, even one now configured with 0 epochs: the
+        # optimizer state being restored belongs to that phase's trainable layers.
+        phase_cfg = getattr(cfg.train, state.phase)
+        set_trainable(model, state.phase, unfreeze_after, pretrained)
+        compile_model(model, phase_cfg.optimizer, phase_cfg.lr)
         return model
 
     restored = restore_newest_usable(plan, prepare)
@@ -122,7 +125,7 @@ def run(cfg: Config, resume: Optional[bool] = None) -> dict:
     summary.print_startup(cfg, data, phases, plan.reason, restored, unfreeze_after)
 
     validation = validation_batches(data, cfg.data)
-    last_logs: dict = {}
+    last_logs: dict = restored.manifest.get("logs", {}) if restored else {}
     compiled_for = state.phase if restored else None
     while (phase := advance(state, phases)) is not None:
         if compiled_for != phase.name:
@@ -144,7 +147,9 @@ def fit_epoch(model, phase: Phase, state: TrainState, data: DataSet, validation,
     print(f"{phase.name} epoch {state.phase_epoch + 1}/{phase.cfg.epochs} "
           f"(epoch {state.epoch + 1} overall)", flush=True)
     batches = train_batches(data, cfg.data, cfg.train.seed, state.epoch, state.batch)
-    history = model.fit(batches, validation_data=validation, epochs=1,
+    # shuffle=False: Batches already shuffles by (seed, epoch). fit() would reorder
+    # batches with Python's global `random`, whose state a resumed process does not share.
+    history = model.fit(batches, validation_data=validation, epochs=1, shuffle=False,
                         verbose=1 if sys.stdout.isatty() else 2)
     logs = {k: float(v[-1]) for k, v in history.history.items()}
     state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0

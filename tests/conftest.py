@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny real data set and a runner for the real CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.sample_data import write_sample_data
+
+REPO = Path(__file__).resolve().parents[1]
+# The smoke experiment (75 px, batch 4, weights=null, one epoch per phase) keeps
+# an end-to-end run at about half a minute, most of it TensorFlow tracing.
+SMOKE = ["experiment=smoke"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """3 classes x 4 training and 2 validation JPEGs, at 80 px."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_sample_data(root, seed=1, train_per_class=4, validation_per_class=2, image_size=80)
+    return root
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(*overrides, cwd: Path, timeout: float = 600, env: dict | None = None,
+            module: str = "pipeline") -> subprocess.CompletedProcess:
+    """Run `python -m pipeline OVERRIDES` the way a user does; output captured as text."""
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_args(tmp: Path, data: Path, *extra) -> list[str]:
+    """Overrides that keep a run's data, checkpoints, model and logs inside `tmp`."""
+    return [*SMOKE, f"data.dir={data}", f"checkpoint.dir={tmp / 'ckpt'}",
+            f"model.save_path={tmp / 'model' / 'final.h5'}", f"hydra.run.dir={tmp / 'outputs'}", *extra]

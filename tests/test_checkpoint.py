@@ -1,0 +1,146 @@
+"""Checkpoints: every format round-trips exactly and loads the seed's way; atomic, verified, pruned."""
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline.checkpoint import (MANIFEST, PENDING, SUFFIXES, TrainState, archive_all, checkpoint_stem,
+                                 clean_leftovers, list_checkpoints, prune, restore, save_checkpoint, verify)
+from pipeline.config import CheckpointConfig, ModelConfig
+from pipeline.model import build_model, compile_model, set_trainable
+
+X = np.random.default_rng(0).uniform(0, 255, (8, 75, 75, 3)).astype("float32")
+Y = np.eye(3, dtype="float32")[np.arange(8) % 3]
+FINGERPRINT = {"classes": ["a", "b", "c"], "image_size": 75}
+
+
+def trained_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = build_model(ModelConfig(weights=None), 3, 75)
+    set_trainable(model, "head", None, pretrained=False)
+    compile_model(model, "adam", 1e-2)
+    model.fit(X, Y, batch_size=4, epochs=1, verbose=0)
+    return model
+
+
+def fresh_model():
+    model = build_model(ModelConfig(weights=None), 3, 75)
+    set_trainable(model, "head", None, pretrained=False)
+    compile_model(model, "adam", 1e-2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def source():
+    return trained_model()
+
+
+def save(model, tmp_path, fmt="keras", epoch=1, logs=None, twin=None, **cfg):
+    cfg = CheckpointConfig(dir=str(tmp_path), format=fmt, **cfg)
+    logs = logs or {"loss": 1.0, "accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.25 + epoch / 100}
+    state = TrainState(phase="head", phase_epoch=epoch, epoch=epoch)
+    stem = checkpoint_stem(cfg, state, logs)
+    return save_checkpoint(model, cfg, stem, state, logs, FINGERPRINT, twin)
+
+
+def assert_same_weights(a, b):
+    assert len(a.weights) == len(b.weights)
+    for wa, wb in zip(a.weights, b.weights):
+        np.testing.assert_array_equal(wa.numpy(), wb.numpy())
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5", "weights_h5", "tf_checkpoint"])
+def test_every_format_round_trips_weights_optimizer_and_dropout_state(tmp_path, source, fmt):
+    twin = build_model(ModelConfig(weights=None), 3, 75) if fmt == "tf_checkpoint" else None
+    ckpt = save(source, tmp_path, fmt, twin=twin)
+    assert ckpt.stem == "transfer_01-0.26"
+    assert (tmp_path / (ckpt.stem + SUFFIXES[fmt] + ("" if fmt != "tf_checkpoint" else ".index"))).exists()
+    assert verify(ckpt) is None
+    model = fresh_model()
+    restore(model, list_checkpoints(tmp_path)[-1])
+    assert_same_weights(source, model)
+    for a, b in zip(source.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert model.optimizer.iterations.numpy() == 2
+    np.testing.assert_array_equal(source.get_layer("dropout").seed_generator.state.numpy(),
+                                  model.get_layer("dropout").seed_generator.state.numpy())
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+def test_full_model_checkpoints_load_with_load_model(tmp_path, source, fmt):
+    ckpt = save(source, tmp_path, fmt)
+    loaded = keras.models.load_model(tmp_path / (ckpt.stem + SUFFIXES[fmt]))
+    np.testing.assert_allclose(loaded.predict(X, verbose=0), source.predict(X, verbose=0), atol=1e-6)
+
+
+def test_weights_h5_loads_with_load_weights(tmp_path, source):
+    ckpt = save(source, tmp_path, "weights_h5")
+    model = build_model(ModelConfig(weights=None), 3, 75)
+    model.load_weights(tmp_path / (ckpt.stem + ".weights.h5"))
+    assert_same_weights(source, model)
+
+
+def test_tf_checkpoint_loads_with_latest_checkpoint_into_a_compiled_model(tmp_path, source):
+    twin = build_model(ModelConfig(weights=None), 3, 75)
+    save(source, tmp_path, "tf_checkpoint", epoch=1, twin=twin)
+    save(source, tmp_path, "tf_checkpoint", epoch=2, twin=twin)
+    latest = tf.train.latest_checkpoint(str(tmp_path))
+    assert latest.endswith("transfer_02-0.27.ckpt")
+    # the seed's reader: a model of the same architecture, here compiled and trained with
+    # another set of trainable layers, so its optimizer differs from the writer's
+    reader = build_model(ModelConfig(weights=None), 3, 75)
+    compile_model(reader, "sgd", 1e-3)
+    reader.fit(X, Y, epochs=1, verbose=0)
+    tf.train.Checkpoint(model=reader).restore(latest)
+    assert_same_weights(source, reader)
+
+
+def test_flipped_byte_and_missing_file_fail_verification(tmp_path, source):
+    ckpt = save(source, tmp_path, "weights_h5")
+    path = tmp_path / (ckpt.stem + ".weights.h5")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert "checksum" in verify(ckpt)
+    path.unlink()
+    assert "missing" in verify(ckpt)
+
+
+def test_uncommitted_files_are_invisible_and_cleaned_up(tmp_path, source):
+    ckpt = save(source, tmp_path, "weights_h5")
+    # simulate a save killed after its files were renamed in but before its manifest
+    (tmp_path / "transfer_02-0.27.weights.h5").write_bytes(b"partial")
+    (tmp_path / ("transfer_02-0.27" + PENDING)).write_text(json.dumps({"files": ["transfer_02-0.27.weights.h5"]}))
+    (tmp_path / ".incoming-xyz").mkdir()
+    (tmp_path / "my_own_notes.txt").write_text("not ours")
+    assert [c.stem for c in list_checkpoints(tmp_path)] == [ckpt.stem]
+    clean_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [ckpt.stem + MANIFEST, ckpt.stem + ".weights.h5", ckpt.stem + ".state.npz", "my_own_notes.txt"])
+
+
+def test_prune_keeps_the_newest_and_the_best(tmp_path, source):
+    for epoch in range(1, 6):
+        save(source, tmp_path, "weights_h5", epoch=epoch)
+    prune(tmp_path, keep_last=2, best_stem="transfer_02-0.27")
+    assert [c.stem for c in list_checkpoints(tmp_path)] == ["transfer_02-0.27", "transfer_04-0.29", "transfer_05-0.30"]
+    assert len(list(tmp_path.glob("*.weights.h5"))) == 3
+
+
+def test_a_pattern_without_epoch_never_overwrites(tmp_path, source):
+    first = save(source, tmp_path, "weights_h5", epoch=1, filename="model")
+    second = save(source, tmp_path, "weights_h5", epoch=2, filename="model")
+    assert first.stem != second.stem and len(list_checkpoints(tmp_path)) == 2
+
+
+def test_archive_moves_everything_aside_and_deletes_nothing(tmp_path, source):
+    save(source, tmp_path, "weights_h5")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    target = archive_all(tmp_path)
+    assert target.parent == tmp_path / "archive"
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert list_checkpoints(tmp_path) == []

@@ -1,0 +1,84 @@
+"""The composed configuration: defaults, types, ranges, the seed's spellings."""
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from pipeline.config import ConfigError, register_schema, to_config
+
+OmegaConf.register_new_resolver("run_name", lambda s: s or "default", replace=True)
+register_schema()
+
+
+def compose_config(*overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_defaults_match_the_documented_public_keys():
+    config, notes = to_config(compose_config())
+    assert notes == []
+    assert config.data.dir == "data" and config.data.image_size == 150
+    assert config.model.weights == "imagenet"
+    assert config.model.save_path == "model/my_saved_InceptionV3_model.h5"
+    assert config.checkpoint.dir == "ckpt"
+    assert config.checkpoint.filename == "transfer_{epoch:02d}-{val_accuracy:.2f}"
+    assert config.checkpoint.monitor == "val_accuracy"
+    assert config.train.finetune.unfreeze_after == "auto"
+
+
+def test_resume_is_absent_so_plus_resume_can_add_it():
+    assert "resume" not in compose_config()
+    assert compose_config("+resume=true").resume is True
+    assert compose_config("+resume=false").resume is False
+
+
+def test_smoke_experiment_shrinks_the_run():
+    config, _ = to_config(compose_config("experiment=smoke"))
+    assert config.data.image_size == 75 and config.model.weights is None
+    assert config.train.head.epochs == 1 and config.train.finetune.epochs == 1
+
+
+def test_wrong_type_is_refused_while_composing():
+    with pytest.raises(Exception, match="data.batch_size"):
+        compose_config("data.batch_size=lots")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.image_size=64", "data.image_size"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.validation_split=1.5", "data.validation_split"),
+    ("train.head.epochs=-1", "train.head.epochs"),
+    ("train.finetune.lr=0", "train.finetune.lr"),
+    ("train.head.optimizer=adagrad", "train.head.optimizer"),
+    ("checkpoint.format=pickle", "checkpoint.format"),
+    ("checkpoint.monitor=f1", "checkpoint.monitor"),
+    ("checkpoint.every=0", "checkpoint.every"),
+    ("model.weights=/no/such/file.h5", "model.weights"),
+    ("model.dropout=1.0", "model.dropout"),
+    ("model.save_path=model/final.keras", "model.save_path"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_config(compose_config(override))
+
+
+def test_zero_epochs_in_both_phases_is_refused():
+    with pytest.raises(ConfigError, match="nothing to train"):
+        to_config(compose_config("train.head.epochs=0", "train.finetune.epochs=0"))
+
+
+def test_seed_spellings_are_translated_with_a_note():
+    config, notes = to_config(compose_config(
+        "checkpoint.monitor=val_acc", "checkpoint.filename='transfer_{epoch:02d}-{val_acc:.2f}'"))
+    assert config.checkpoint.monitor == "val_accuracy"
+    assert config.checkpoint.filename == "transfer_{epoch:02d}-{val_accuracy:.2f}"
+    assert len(notes) == 2 and all("Keras 2" in n for n in notes)
+
+
+@pytest.mark.parametrize("pattern", ["ckpt_{epoch}-{val_f1:.2f}", "ckpt_{epoch:xyz}", "sub/ckpt_{epoch}"])
+def test_unfillable_filename_is_refused_before_training(pattern):
+    with pytest.raises(ConfigError, match="checkpoint.filename"):
+        to_config(compose_config(f"checkpoint.filename='{pattern}'"))

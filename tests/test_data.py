@@ -1,0 +1,110 @@
+"""The generators: indexing, label order, the held-out split, batches keyed to (seed, epoch, batch)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline.config import DataConfig
+from pipeline.data import DataError, Batches, ensure_sample_data, read_dataset, train_batches, validation_batches
+
+
+def config(root, **kw) -> DataConfig:
+    return DataConfig(dir=str(root), image_size=75, batch_size=4, workers=0, **kw)
+
+
+def test_reads_train_and_validation_in_class_order(tiny_data):
+    data = read_dataset(config(tiny_data))
+    assert data.class_names == ["circle", "square", "triangle"]
+    assert data.train.counts(3) == [4, 4, 4] and data.validation.counts(3) == [2, 2, 2]
+    # every label agrees with the folder the file is in
+    for split in (data.train, data.validation):
+        for path, label in zip(split.filepaths, split.labels):
+            assert f"/{data.class_names[label]}/" in path
+
+
+def test_validation_labels_follow_the_training_class_order(tmp_path, tiny_data):
+    # validation/ holding only two of the classes must still label by train's order
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    shutil.rmtree(root / "validation" / "circle")
+    data = read_dataset(config(root))
+    assert sorted(set(data.validation.labels.tolist())) == [1, 2]
+
+
+def test_without_validation_folder_a_share_of_train_is_held_out(tmp_path, tiny_data):
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data / "train", root / "train")
+    data = read_dataset(config(root, validation_split=0.25))
+    assert data.validation.counts(3) == [1, 1, 1] and data.train.counts(3) == [3, 3, 3]
+    assert not set(data.train.filepaths) & set(data.validation.filepaths)
+
+
+def test_batches_depend_only_on_seed_epoch_and_index(tiny_data):
+    cfg = config(tiny_data)
+    data = read_dataset(cfg)
+    a = train_batches(data, cfg, seed=3, epoch=1)
+    b = train_batches(data, cfg, seed=3, epoch=1)
+    assert len(a) == 3
+    # served out of order, the same batch comes out the same
+    xb2, yb2 = b[2]
+    _ = b[0]
+    xa2, ya2 = a[2]
+    np.testing.assert_array_equal(xa2, xb2)
+    np.testing.assert_array_equal(ya2, yb2)
+    # a resumed epoch that skips one batch serves exactly the rest
+    resumed = train_batches(data, cfg, seed=3, epoch=1, start_batch=1)
+    assert len(resumed) == 2
+    np.testing.assert_array_equal(resumed[1][0], xa2)
+    # another epoch shuffles and augments differently
+    other = train_batches(data, cfg, seed=3, epoch=2)
+    assert not np.array_equal(other[2][0], xa2)
+
+
+def test_every_training_image_is_seen_once_per_epoch(tiny_data):
+    cfg = config(tiny_data)
+    data = read_dataset(cfg)
+    batches = train_batches(data, cfg, seed=0, epoch=0)
+    seen = np.concatenate([batches.order[i * 4:(i + 1) * 4] for i in range(len(batches))])
+    assert sorted(seen.tolist()) == list(range(12))
+    labels = np.concatenate([batches[i][1].argmax(1) for i in range(len(batches))])
+    assert np.bincount(labels).tolist() == [4, 4, 4]
+
+
+def test_validation_is_raw_pixels_without_augmentation(tiny_data):
+    cfg = config(tiny_data)
+    data = read_dataset(cfg)
+    x, y = validation_batches(data, cfg)[0]
+    assert x.shape == (4, 75, 75, 3) and x.dtype == np.float32
+    assert 0 <= x.min() and x.max() <= 255 and x.max() > 1  # not rescaled: the model does that
+    np.testing.assert_array_equal(x, validation_batches(data, cfg)[0][0])
+
+
+def test_missing_train_folder_names_it(tmp_path):
+    with pytest.raises(DataError, match="train/"):
+        read_dataset(config(tmp_path))
+
+
+def test_one_class_is_refused(tmp_path, tiny_data):
+    shutil.copytree(tiny_data / "train" / "circle", tmp_path / "train" / "circle")
+    with pytest.raises(DataError, match="at least 2"):
+        read_dataset(config(tmp_path))
+
+
+def test_empty_class_folder_is_named(tmp_path, tiny_data):
+    shutil.copytree(tiny_data, tmp_path / "d")
+    (tmp_path / "d" / "train" / "empty_one").mkdir()
+    with pytest.raises(DataError, match="empty_one"):
+        read_dataset(config(tmp_path / "d"))
+
+
+def test_sample_data_is_written_only_into_an_empty_folder(tmp_path):
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / ".gitkeep").touch()
+    ensure_sample_data(config(tmp_path / "fresh"))
+    assert len(list((tmp_path / "fresh" / "train").rglob("*.jpg"))) == 450
+    (tmp_path / "users").mkdir()
+    (tmp_path / "users" / "notes.txt").write_text("my photos go here")
+    ensure_sample_data(config(tmp_path / "users"))
+    assert sorted(p.name for p in (tmp_path / "users").iterdir()) == ["notes.txt"]

@@ -1,0 +1,155 @@
+"""The real CLI in subprocesses: train, rerun, kill -9 and resume, refusals."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import REPO, cli_env, run_args, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_data):
+    """One uninterrupted smoke run, shared by the tests that only read what it left."""
+    tmp = tmp_path_factory.mktemp("finished")
+    result = run_cli(*run_args(tmp, tiny_data), cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp, result
+
+
+def weights_of(path):
+    return [w.numpy() for w in keras.models.load_model(path, compile=False).weights]
+
+
+def test_fresh_run_reports_plan_and_outcome(finished):
+    tmp, result = finished
+    out = result.stdout
+    for name in ("circle", "square", "triangle"):
+        assert re.search(rf"{name}\s+train\s+4\s+validation\s+2", out), out
+    assert "resume: starting fresh" in out
+    assert "phase head: 1 epochs" in out and "phase finetune: 1 epochs" in out
+    assert "done in" in out and "saved:" in out
+    assert "Traceback" not in result.stderr
+    manifests = sorted(p.name for p in (tmp / "ckpt").glob("*.manifest.json"))
+    assert len(manifests) == 2 and manifests[0].startswith("transfer_01-")
+
+
+def test_saved_model_loads_in_a_fresh_process_and_labels_raw_pixels(finished, tiny_data):
+    tmp, _ = finished
+    meta = json.loads((tmp / "model" / "final.json").read_text())
+    assert meta["class_names"] == ["circle", "square", "triangle"]
+    image = sorted((tiny_data / "validation" / "square").glob("*.jpg"))[0]
+    script = (
+        "import sys, numpy as np, keras\n"
+        "from PIL import Image\n"
+        "m = keras.models.load_model(sys.argv[1])\n"
+        "x = np.asarray(Image.open(sys.argv[2]).convert('RGB').resize((75, 75)), dtype='float32')[None]\n"
+        "p = m.predict(x, verbose=0)[0]\n"
+        "print(len(p), round(float(p.sum()), 4))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp / "model" / "final.h5"), str(image)],
+                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["3", "1.0"]
+
+
+def test_rerun_of_a_finished_run_does_nothing(finished, tiny_data):
+    tmp, _ = finished
+    model = tmp / "model" / "final.h5"
+    before = (model.stat().st_mtime_ns, model.read_bytes())
+    started = time.time()
+    result = run_cli(*run_args(tmp, tiny_data), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "already complete" in result.stdout
+    assert time.time() - started < 60
+    assert (model.stat().st_mtime_ns, model.read_bytes()) == before
+
+
+def test_kill_9_after_a_checkpoint_then_same_command_resumes_exactly(finished, tmp_path, tiny_data):
+    args = run_args(tmp_path, tiny_data)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("checkpoint:"):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "model" / "final.h5").exists()
+
+    result = run_cli(*args, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resume: from checkpoint transfer_01-" in result.stdout
+    meta = json.loads((tmp_path / "model" / "final.json").read_text())
+    assert meta["lineage"] and meta["lineage"][0].startswith("transfer_01-")
+    # same seed, same configuration: the resumed run ends where the uninterrupted one did
+    reference = weights_of(finished[0] / "model" / "final.h5")
+    resumed = weights_of(tmp_path / "model" / "final.h5")
+    assert max(float(np.abs(a - b).max()) for a, b in zip(reference, resumed)) <= 1e-5
+
+
+def test_changed_configuration_is_refused_and_nothing_touched(finished, tiny_data):
+    tmp, _ = finished
+    before = sorted(p.name for p in (tmp / "ckpt").iterdir())
+    result = run_cli(*run_args(tmp, tiny_data, "data.image_size=80"), cwd=REPO)
+    assert result.returncode == 2
+    assert "image_size: checkpoints have 75, this run has 80" in result.stderr
+    assert "+resume=false" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in (tmp / "ckpt").iterdir()) == before
+
+
+def test_resume_true_with_nothing_to_resume_is_an_error(tmp_path, tiny_data):
+    result = run_cli(*run_args(tmp_path, tiny_data, "+resume=true"), cwd=REPO)
+    assert result.returncode == 2
+    assert "+resume=true" in result.stderr and "no committed checkpoint" in result.stderr
+    assert not (tmp_path / "model").exists()
+
+
+def test_resume_false_moves_old_checkpoints_aside_and_starts_afresh(tmp_path, tiny_data):
+    old = tmp_path / "ckpt"
+    old.mkdir()
+    (old / "transfer_09-0.99.keras").write_bytes(b"an old run's file")
+    result = run_cli(*run_args(tmp_path, tiny_data, "+resume=false", "train.finetune.epochs=0"), cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "starting fresh (+resume=false)" in result.stdout
+    archived = list((old / "archive").glob("*/transfer_09-0.99.keras"))
+    assert len(archived) == 1 and archived[0].read_bytes() == b"an old run's file"
+    assert (tmp_path / "model" / "final.h5").exists()
+
+
+def test_bad_value_fails_fast_naming_the_key_with_nothing_written(tmp_path, tiny_data):
+    started = time.time()
+    result = run_cli(*run_args(tmp_path, tiny_data, "data.batch_size=0"), cwd=REPO)
+    assert result.returncode == 2
+    assert "data.batch_size=0 must be >= 1" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert time.time() - started < 30
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "model").exists()
+
+
+def test_unavailable_imagenet_weights_fail_fast_with_both_remedies(tmp_path, tiny_data):
+    env = cli_env(KERAS_HOME=str(tmp_path / "keras_home"), PIPELINE_IMAGENET_URL="http://127.0.0.1:9/notop.h5")
+    started = time.time()
+    result = run_cli(*run_args(tmp_path, tiny_data, "model.weights=imagenet"), cwd=REPO, env=env)
+    assert result.returncode == 2
+    assert "model.weights=imagenet" in result.stderr and "model.weights=null" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.time() - started < 60
+    assert not any((tmp_path / "ckpt").glob("*")) and not (tmp_path / "model").exists()
+
+
+def test_make_help_lists_every_target():
+    out = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True).stdout
+    for target in ("train", "test", "setup", "bench", "help"):
+        assert f"make {target} " in out
