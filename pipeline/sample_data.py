@@ -1,11 +1,15 @@
 """Write a small, learnable image-classification data set, so a fresh clone trains with no download.
 
 Each image is one filled shape (circle, square or triangle) on a textured
-background. Colour, position, scale, rotation and texture are drawn at random
-and independently of the class, and every shape covers the same area for a
-given scale, so a classifier has to learn shape: neither colour nor the number
-of shape pixels gives the class away. The same seed always gives byte-identical
-files.
+background. Like real photo classes (roses are mostly red, sunflowers yellow),
+each class has a typical hue for its shape, varied in hue, saturation and
+brightness; position, scale, rotation and background are drawn independently
+of the class. Why the colour cue: a randomly initialised InceptionV3 (the
+offline default, model.weights=null) reached only 40-50% training accuracy in
+six epochs on shape alone, and 99% validation accuracy with the hue cue, so the
+out-of-the-box run shows a model that learns within minutes on a CPU. Every
+shape covers the same area for a given scale, so pixel counts give nothing away.
+The same seed always gives byte-identical files.
 
     python -m pipeline.sample_data [DIR] [--seed N]
 """
@@ -13,6 +17,7 @@ files.
 from __future__ import annotations
 
 import argparse
+import colorsys
 import os
 import shutil
 import sys
@@ -25,6 +30,11 @@ from PIL import Image, ImageDraw
 # Class name -> number of polygon sides. A 96-gon is a circle to within 0.1 px at these
 # sizes, and drawing every class as a regular polygon keeps one code path for all three.
 SIDES = {"circle": 96, "square": 4, "triangle": 3}
+# Class name -> typical hue of its shape (0..1 around the colour wheel: red, green, blue).
+CLASS_HUES = {"circle": 0.0, "square": 0.33, "triangle": 0.62}
+HUE_JITTER = 0.08  # +- this much around the class hue (0.08 of the wheel is about 29 degrees)
+SATURATION_RANGE = (0.45, 1.0)
+VALUE_RANGE = (0.45, 1.0)
 CLASS_NAMES = tuple(SIDES)
 # A split's position here goes into each image's seed, so train and validation are different draws.
 SPLITS = ("train", "validation")
@@ -131,7 +141,7 @@ def write_split(folder: Path, seed: int, split_index: int, per_class: int, image
 
 def draw_image(rng: np.random.Generator, class_name: str, size: int) -> Image.Image:
     """Draw one RGB image: a filled shape of `class_name` over a textured background, with mild noise."""
-    shape_colour, background_colours = pick_colours(rng)
+    shape_colour, background_colours = pick_colours(rng, class_name)
     texture = make_texture(rng, size)[..., None]
     background = background_colours[0] + texture * (background_colours[1] - background_colours[0])
     coverage = render_coverage(make_polygon(rng, SIDES[class_name], size), size)[..., None]
@@ -142,14 +152,16 @@ def draw_image(rng: np.random.Generator, class_name: str, size: int) -> Image.Im
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
-def pick_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Return a random shape colour and two background colours on the same side of it in luma.
+def pick_colours(rng: np.random.Generator, class_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return a shape colour near the class hue and two background colours on the same side of it in luma.
 
     Both background colours are at least MIN_LUMA_GAP darker (for a light shape) or
     lighter (for a dark shape), so every blend of them in the texture stays visibly
     apart from the shape, while hues stay free.
     """
-    shape_colour = rng.random(3, dtype=np.float32)
+    hue = (CLASS_HUES[class_name] + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
+    shape_colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(*SATURATION_RANGE), rng.uniform(*VALUE_RANGE)),
+                            dtype=np.float32)
     background_colours = rng.random((2, 3), dtype=np.float32)
     shape_luma = luma(shape_colour)
     if shape_luma >= 0.5:
