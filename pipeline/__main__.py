@@ -5,20 +5,18 @@ checkpoints) end with one message naming the culprit and exit code 2, no
 traceback; HYDRA_FULL_ERROR=1 shows the traceback for debugging.
 """
 import os
+import signal
 import sys
 
 # TensorFlow's C++ start-up chatter hides the messages that matter.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from .config import ConfigError, register_schema, to_config  # noqa: E402
+from .config import ConfigError, register_config, to_config  # noqa: E402
 
-# Hydra's run and sweep folders are named from the overrides, not the clock, so
-# the same command finds its own folder again; no overrides means "default".
-OmegaConf.register_new_resolver("run_name", lambda dirname: dirname or "default", replace=True)
-register_schema()
+register_config()
 
 
 def import_tensorflow_quietly() -> None:
@@ -55,15 +53,28 @@ def main(cfg: DictConfig):
 
         return run(config, resume)
     except Exception as err:
+        if is_preemption(err):
+            print(str(err), flush=True)
+            sys.exit(128 + signal.SIGTERM)  # the shell's code for "ended by SIGTERM"
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_user_error(err):
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 
+def is_preemption(err: Exception) -> bool:
+    if "tensorflow" not in sys.modules:  # the only source of Preempted never started
+        return False
+    from .batch_saver import Preempted
+
+    return isinstance(err, Preempted)
+
+
 def is_user_error(err: Exception) -> bool:
     if isinstance(err, ConfigError):
         return True
+    if "tensorflow" not in sys.modules:
+        return False
     from .train import USER_ERRORS
 
     return isinstance(err, USER_ERRORS)

@@ -11,6 +11,7 @@ whole checkpoint or none of it, and the older ones intact.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -63,14 +64,27 @@ class Checkpoint:
         return TrainState(**self.manifest["state"])
 
 
-def reach(point: str) -> None:
-    """Test hook: `PIPELINE_KILL_AT=<point>` SIGKILLs this process right here.
+_reached: dict = {}
 
-    The production path runs the same code; the hook only lets a test kill
-    inside a save step at an exact place rather than at a random moment.
+
+def reach(point: str) -> None:
+    """Test hook at a named step of a save; does nothing unless a test asks.
+
+    `PIPELINE_KILL_AT=<point>[#n]` SIGKILLs this process the n-th time (default
+    first) it gets here; `PIPELINE_ENOSPC_AT=<point>[#n]` fails there as a full
+    disk would. The production path runs the same code; the hook only lets a test
+    strike inside a save step at an exact place rather than at a random moment.
     """
-    if os.environ.get("PIPELINE_KILL_AT") == point:
+    _reached[point] = _reached.get(point, 0) + 1
+    if _asked("PIPELINE_KILL_AT", point):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _asked("PIPELINE_ENOSPC_AT", point):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), point)
+
+
+def _asked(variable: str, point: str) -> bool:
+    name, _, nth = os.environ.get(variable, "").partition("#")
+    return name == point and _reached[point] == int(nth or 1)
 
 
 # ---- writing -------------------------------------------------------------
@@ -137,7 +151,8 @@ def seed_generators(model: keras.Model) -> list:
 def checkpoint_stem(cfg: CheckpointConfig, state: TrainState, logs: dict) -> str:
     """The configured filename filled in, made unique if a pattern without {epoch} repeats itself."""
     metrics = {k: logs.get(k, float("nan")) for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
-    name = cfg.filename.format(epoch=state.epoch, **metrics)
+    # Like Keras: a completed epoch is named by its count, a mid-epoch one by the epoch in progress.
+    name = cfg.filename.format(epoch=state.epoch + (1 if state.batch else 0), **metrics)
     directory = Path(cfg.dir)
     stem = name if state.batch == 0 else f"{name}-b{state.batch:05d}"
     if (directory / (stem + MANIFEST)).exists() or (directory / (stem + PENDING)).exists():
@@ -147,7 +162,23 @@ def checkpoint_stem(cfg: CheckpointConfig, state: TrainState, logs: dict) -> str
 
 def save_checkpoint(model: keras.Model, cfg: CheckpointConfig, stem: str, state: TrainState, logs: dict,
                     fingerprint: dict, twin: Optional[keras.Model] = None) -> Checkpoint:
-    """Write one checkpoint atomically as `stem`; return it once committed."""
+    """Write one checkpoint atomically as `stem`; return it once committed.
+
+    A failed write (a full disk, say) leaves the older checkpoints as they were
+    and raises CheckpointError saying what and where.
+    """
+    directory = Path(cfg.dir)
+    try:
+        return write_checkpoint_files(model, cfg, stem, state, logs, fingerprint, twin)
+    except OSError as err:
+        reason = "No space left on device" if err.errno == errno.ENOSPC else str(err)
+        raise CheckpointError(f"{reason}: could not write checkpoint {stem} in {directory}. "
+                              "The previous checkpoints are intact; free space and run the same "
+                              "command to continue.") from err
+
+
+def write_checkpoint_files(model: keras.Model, cfg: CheckpointConfig, stem: str, state: TrainState, logs: dict,
+                           fingerprint: dict, twin: Optional[keras.Model]) -> Checkpoint:
     directory = Path(cfg.dir)
     directory.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=INCOMING, dir=directory))
@@ -173,6 +204,9 @@ def save_checkpoint(model: keras.Model, cfg: CheckpointConfig, stem: str, state:
         write_json_atomic(directory / (stem + MANIFEST), manifest)
         reach("after_manifest")
         (directory / (stem + PENDING)).unlink()
+    except BaseException:
+        clean_leftovers(directory)  # this save's renamed files and intent record, nothing committed
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if cfg.format == "tf_checkpoint":

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class DataConfig:
     dir: str = "data"
     image_size: int = 150
-    batch_size: int = 32
+    batch_size: int = 16
     validation_split: float = 0.2
     make_sample_if_empty: bool = True
     workers: int = 2
@@ -37,6 +37,8 @@ class DataConfig:
     zoom_range: float = 0.2
     horizontal_flip: bool = True
     fill_mode: str = "nearest"
+    on_bad_image: str = "fail"
+    max_pixels: int = 89_478_485
 
 
 @dataclass
@@ -52,6 +54,7 @@ class PhaseConfig:
     epochs: int = 1
     lr: float = 1e-3
     optimizer: str = "adam"
+    schedule: str = "cosine"
 
 
 @dataclass
@@ -76,6 +79,7 @@ class CheckpointConfig:
     mode: str = "auto"
     save_best_only: bool = False
     every: int = 1
+    every_batches: int = 0
     keep_last: int = 3
 
 
@@ -87,19 +91,28 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-def register_schema() -> None:
-    """Make the schema the base that conf/config.yaml's defaults list extends."""
+def register_config() -> None:
+    """Register the schema (the base of conf/config.yaml) and the resolvers conf/ uses."""
     ConfigStore.instance().store(name="schema", node=Config)
+    # Hydra's run and sweep folders are named from the overrides, not the clock, so
+    # the same command finds its own folder again; no overrides means "default".
+    OmegaConf.register_new_resolver("run_name", lambda dirname: dirname or "default", replace=True)
+    # A default that depends on whether the base starts pretrained (see conf/train/default.yaml).
+    OmegaConf.register_new_resolver(
+        "pretrained_or_scratch", lambda weights, pretrained, scratch: scratch if weights is None else pretrained,
+        replace=True)
 
 
 CHECKPOINT_FORMATS = ("keras", "h5", "weights_h5", "tf_checkpoint")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+SCHEDULES = ("cosine", "constant")
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 FILENAME_FIELDS = ("epoch",) + METRICS
 # The seed (Keras 2) spelled accuracy "acc"; Keras 3 logs only "accuracy".
 SEED_SPELLINGS = {"val_acc": "val_accuracy", "acc": "accuracy"}
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 FILL_MODES = ("constant", "nearest", "reflect", "wrap")
+ON_BAD_IMAGE = ("fail", "skip")
 
 
 def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
@@ -147,10 +160,14 @@ def validate(config: Config) -> None:
     between("data.validation_split", d.validation_split, 0.0, 1.0)
     one_of("data.interpolation", d.interpolation, INTERPOLATIONS)
     one_of("data.fill_mode", d.fill_mode, FILL_MODES)
+    one_of("data.on_bad_image", d.on_bad_image, ON_BAD_IMAGE)
+    at_least("data.max_pixels", d.max_pixels, 1)
     for key in ("rotation_range", "shear_range", "width_shift_range", "height_shift_range", "zoom_range"):
         at_least(f"data.{key}", getattr(d, key), 0)
-    if not Path(d.dir).is_dir() and not d.make_sample_if_empty:
-        raise ConfigError(f"data.dir={d.dir!r} is not a folder; point it at a folder with train/ (and validation/)")
+    # Even with make_sample_if_empty: a mistyped data.dir must not quietly become a new sample set.
+    if not Path(d.dir).is_dir():
+        raise ConfigError(f"data.dir={d.dir!r} is not a folder; point it at a folder with train/<class>/ "
+                          "(and validation/<class>/), or at an empty folder to get the sample set")
     validate_weights(m.weights)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
@@ -162,12 +179,14 @@ def validate(config: Config) -> None:
         if not phase.lr > 0:
             raise ConfigError(f"train.{name}.lr={phase.lr} must be > 0")
         one_of(f"train.{name}.optimizer", phase.optimizer, OPTIMIZERS)
+        one_of(f"train.{name}.schedule", phase.schedule, SCHEDULES)
     if t.head.epochs + t.finetune.epochs == 0:
         raise ConfigError("train.head.epochs and train.finetune.epochs are both 0: nothing to train")
     one_of("checkpoint.format", c.format, CHECKPOINT_FORMATS)
     one_of("checkpoint.monitor", c.monitor, METRICS)
     one_of("checkpoint.mode", c.mode, ("auto", "min", "max"))
     at_least("checkpoint.every", c.every, 1)
+    at_least("checkpoint.every_batches", c.every_batches, 0)
     at_least("checkpoint.keep_last", c.keep_last, 1)
     validate_filename(c.filename)
 

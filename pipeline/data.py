@@ -10,6 +10,7 @@ parallel workers, it would serve a different order than an uninterrupted run.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from .config import DataConfig
 from .sample_data import has_images, write_sample_data
 
 ImageDataGenerator = tf.keras.preprocessing.image.ImageDataGenerator
+# The extensions flow_from_directory indexes (any case); other files are not data.
+INDEXED_EXTENSIONS = tuple("." + ext for ext in tf.keras.preprocessing.image.DirectoryIterator.white_list_formats)
 
 # ImageDataGenerator.get_random_transform(seed=...) seeds NumPy's *global*
 # generator and then draws from it; two worker threads interleaving there would
@@ -35,8 +38,27 @@ RESAMPLING = {
 }
 
 
+# data.max_pixels is the one decompression-bomb limit. Pillow's own limit is process-wide
+# and would overrule it (a warning above 89 M pixels, a refusal above 179 M even when a
+# user allows more), so it is off and decode_image checks the header's size instead.
+Image.MAX_IMAGE_PIXELS = None
+# Transparent pixels become white: how a viewer or a web page shows a cut-out photo.
+ALPHA_BACKGROUND = (255, 255, 255)
+# Greyscale wider than 8 bits (16-bit PNG and TIFF; Pillow may open them as "I"),
+# taken as 0-65535. Pillow's convert() would clip every level above 255 to white.
+WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
 class DataError(ValueError):
     """A data folder that cannot be trained on; the message names it."""
+
+
+class TooManyPixels(ValueError):
+    """An image whose header declares more pixels than data.max_pixels."""
+
+    def __init__(self, width: int, height: int, max_pixels: int):
+        self.pixels = width * height
+        super().__init__(f"{width}x{height} = {self.pixels:,} pixels, more than data.max_pixels={max_pixels:,}")
 
 
 @dataclass
@@ -58,17 +80,49 @@ class DataSet:
     augmenter: ImageDataGenerator
 
 
-def load_image(path: str, image_size: int, interpolation: str = "bilinear") -> np.ndarray:
-    """Decode one image as float32 RGB 0-255 at image_size x image_size.
+def load_image(path: str, image_size: int, interpolation: str = "bilinear",
+               max_pixels: int = DataConfig.max_pixels) -> np.ndarray:
+    """Decode one image as float32 RGB 0-255 at image_size x image_size (training's loader)."""
+    return resize_image(decode_image(path, max_pixels), image_size, interpolation)
 
-    EXIF orientation is applied, so the network sees the photo the way a person
-    does; alpha is dropped and greyscale, palette and CMYK become RGB.
+
+def decode_image(path: str, max_pixels: int = DataConfig.max_pixels) -> Image.Image:
+    """Fully decode one file into upright 8-bit RGB.
+
+    The one decoding path: training (load_image) and the check before training
+    (image_check.py) both use it, so an image that passes the check trains.
+    EXIF orientation is applied: cameras store pixels sideways plus a tag, and
+    the network should see the photo upright, as a person and every viewer do.
+    Raises TooManyPixels from the header alone, before anything is decompressed;
+    OSError for a truncated file (Pillow's LOAD_TRUNCATED_IMAGES stays False);
+    PIL.UnidentifiedImageError for a file that is not an image.
     """
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        img = img.convert("RGB")
-        img = img.resize((image_size, image_size), RESAMPLING[interpolation])
-        return np.asarray(img, dtype=np.float32)
+        if img.width * img.height > max_pixels:
+            raise TooManyPixels(img.width, img.height, max_pixels)
+        img.load()  # every byte now: a truncated file fails here, not as a half-grey picture
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: greyscale, palette, CMYK, 16-bit, with or without alpha.
+
+    16-bit greyscale is scaled (0-65535 onto 0-255), where convert() would clip
+    nearly every pixel to white; transparency is composited onto ALPHA_BACKGROUND,
+    where convert() would expose whatever colour the transparent pixels happen to hold.
+    """
+    if img.mode in WIDE_GREY_MODES:
+        levels = np.asarray(img).astype(np.float32)
+        img = Image.fromarray(np.clip(np.rint(levels / 257.0), 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        background = Image.new("RGBA", img.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_image(img: Image.Image, image_size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Resize to image_size x image_size (aspect ratio not kept) as float32 0-255."""
+    return np.asarray(img.resize((image_size, image_size), RESAMPLING[interpolation]), dtype=np.float32)
 
 
 def ensure_sample_data(cfg: DataConfig) -> None:
@@ -117,9 +171,12 @@ def read_dataset(cfg: DataConfig) -> DataSet:
     if not train_dir.is_dir():
         raise DataError(f"data.dir={cfg.dir!r} has no train/ folder; expected "
                         f"{train_dir}/<class>/<images> (and optionally {val_dir}/<class>/...)")
+    for folder in (train_dir, val_dir):
+        check_link_cycles(folder)
     if val_dir.is_dir():
         augmenter = make_augmenter(cfg)
         names, train = index_folder(augmenter, train_dir, cfg)
+        check_validation_classes(names, val_dir)
         _, validation = index_folder(ImageDataGenerator(), val_dir, cfg, classes=names)
     else:
         # Same split fraction on both generators, so the two subsets are complementary.
@@ -129,17 +186,69 @@ def read_dataset(cfg: DataConfig) -> DataSet:
                                      train_dir, cfg, classes=names, subset="validation")
         validation.source = f"{train_dir} (held-out {cfg.validation_split:.0%})"
     check_layout(names, train, validation, root)
+    warn_missing_validation(names, validation)
     return DataSet(names, train, validation, augmenter)
 
 
 def check_layout(names: list[str], train: Split, validation: Split, root: Path) -> None:
+    """Refuse fewer than two classes, a training class without images, or no validation images."""
     if len(names) < 2:
         raise DataError(f"{root / 'train'} holds {len(names)} class folder(s); a classifier needs at least 2")
     empty = [n for n, c in zip(names, train.counts(len(names))) if c == 0]
     if empty:
-        raise DataError(f"class folder(s) with no images in {root / 'train'}: {', '.join(empty)}")
+        raise DataError(f"class folder(s) with no images in {root / 'train'}: {', '.join(empty)} "
+                        f"(images are found by extension, any case: {' '.join(INDEXED_EXTENSIONS)})")
     if len(validation.filepaths) == 0:
         raise DataError(f"no validation images in {validation.source}")
+
+
+def check_validation_classes(names: list[str], val_dir: Path) -> None:
+    """Refuse a validation class that training does not have: its images would be silently unused."""
+    # Class folders are found the way flow_from_directory finds them: every folder, links followed.
+    extra = sorted(p.name for p in val_dir.iterdir() if p.is_dir() and p.name not in names)
+    if extra:
+        raise DataError(f"class folder(s) in {val_dir} that {val_dir.parent / 'train'} does not have: "
+                        f"{', '.join(extra)}; rename or remove them (the model can only learn classes in train/)")
+
+
+def warn_missing_validation(names: list[str], validation: Split) -> None:
+    """Warn about training classes with no validation images; their accuracy goes unmeasured."""
+    missing = [n for n, c in zip(names, validation.counts(len(names))) if c == 0]
+    if missing:
+        print(f"warning: no validation images for class(es) {', '.join(missing)} in {validation.source}; "
+              "their accuracy is not measured (labels still follow train/'s class order)")
+
+
+def check_link_cycles(top: Path) -> None:
+    """Refuse a symbolic link that leads back to a folder above it.
+
+    flow_from_directory walks with os.walk(followlinks=True), which does not
+    notice: it descends until the kernel's limit of 40 links per path, listing
+    every image once per lap, and two such links make 2**40 laps.
+    """
+    pending = [(str(top), (os.path.realpath(top),))]
+    while pending:
+        folder, above = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # unreadable or missing: os.walk skips it too
+        for entry in entries:
+            if not is_folder(entry):
+                continue
+            real = os.path.realpath(entry.path)
+            if entry.is_symlink() and real in above:
+                raise DataError(f"symbolic link {entry.path} -> {real} leads back to a folder above it, "
+                                "so its images would be listed over and over; remove the link")
+            pending.append((entry.path, above + (real,)))
+
+
+def is_folder(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one; a broken or self-looping link is not (as os.walk sees it)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 class Batches(tf.keras.utils.PyDataset):
@@ -171,7 +280,8 @@ class Batches(tf.keras.utils.PyDataset):
         return x, y
 
     def load(self, j: int) -> np.ndarray:
-        x = load_image(self.split.filepaths[j], self.cfg.image_size, self.cfg.interpolation)
+        x = load_image(self.split.filepaths[j], self.cfg.image_size, self.cfg.interpolation,
+                       self.cfg.max_pixels)
         if self.augmenter is None:
             return x
         key = int(np.random.SeedSequence([self.seed, self.epoch, j]).generate_state(1)[0])

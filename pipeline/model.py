@@ -126,7 +126,15 @@ def set_trainable(model: keras.Model, phase: str, unfreeze_after: Optional[str],
             frozen = False
 
 
-def make_optimizer(name: str, lr: float) -> keras.optimizers.Optimizer:
+def make_optimizer(name: str, lr: float, schedule: str = "constant",
+                   decay_steps: int = 1) -> keras.optimizers.Optimizer:
+    """The phase's optimizer; `cosine` decays the rate to 0 over the phase's steps.
+
+    The decay follows the optimizer's step count, which checkpoints restore, so a
+    resumed run continues the schedule where it stopped.
+    """
+    if schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(initial_learning_rate=lr, decay_steps=max(decay_steps, 1))
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
     if name == "rmsprop":
@@ -134,8 +142,10 @@ def make_optimizer(name: str, lr: float) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(learning_rate=lr)
 
 
-def compile_model(model: keras.Model, optimizer_name: str, lr: float) -> None:
+def compile_model(model: keras.Model, optimizer_name: str, lr: float, schedule: str = "constant",
+                  decay_steps: int = 1) -> None:
     # optimizer= by keyword: positionally, a reloaded .keras file gets a different optimizer.
     # jit_compile=False: XLA was slower than plain TensorFlow on this CPU.
-    model.compile(optimizer=make_optimizer(optimizer_name, lr), loss="categorical_crossentropy",
+    model.compile(optimizer=make_optimizer(optimizer_name, lr, schedule, decay_steps),
+                  loss="categorical_crossentropy",
                   metrics=["accuracy"], jit_compile=False)

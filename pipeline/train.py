@@ -1,9 +1,10 @@
-"""The stages in order: data -> resume plan -> model -> head phase -> fine-tune phase -> final save."""
+"""The stages in order: data -> model -> resume plan -> head phase -> fine-tune phase -> final save."""
 from __future__ import annotations
 
+import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -11,25 +12,55 @@ import keras
 import tensorflow as tf
 
 from . import summary
-from .checkpoint import Checkpoint, TrainState, checkpoint_stem, list_checkpoints, prune, save_checkpoint
-from .config import Config, PhaseConfig
-from .data import DataSet, ensure_sample_data, read_dataset, train_batches, validation_batches
+from .batch_saver import BatchSaver, Preempted, StopFlag
+from .checkpoint import (Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints, prune,
+                         save_checkpoint)
+from .config import Config, ConfigError, PhaseConfig
+from .data import DataError, DataSet, ensure_sample_data, read_dataset, train_batches, validation_batches
 from .final_model import read_metadata, save_final
-from .model import build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after, set_trainable
+from .model import (WeightsError, build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after,
+                    set_trainable)
 from .resume import plan_resume, restore_newest_usable
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data import DataError
-from .model import WeightsError
 
 # Errors whose message tells the user what to fix; the entry point prints them without a traceback.
 USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError)
+PHASE_ORDER = ("head", "finetune")
 
 
 @dataclass
 class Phase:
     name: str
     cfg: PhaseConfig
+
+
+@dataclass
+class Session:
+    """What the stages of one run share."""
+    cfg: Config
+    data: DataSet
+    model: keras.Model
+    fingerprint: dict
+    twin: Optional[keras.Model] = None   # optimizer-free copy for tf_checkpoint writes
+    state: TrainState = field(default_factory=TrainState)
+    last_logs: dict = field(default_factory=dict)
+    stop: StopFlag = field(default_factory=StopFlag)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.cfg.model.weights is not None
+
+    def prepare(self, state: TrainState) -> keras.Model:
+        """Set trainable layers and compile for `state.phase`.
+
+        By the state's own phase, even one now configured with 0 epochs: the
+        optimizer state being restored belongs to that phase's trainable layers.
+        """
+        phase_cfg = getattr(self.cfg.train, state.phase)
+        unfreeze = resolve_unfreeze_after(self.cfg.train.finetune.unfreeze_after, self.pretrained)
+        set_trainable(self.model, state.phase, unfreeze, self.pretrained)
+        steps = phase_cfg.epochs * math.ceil(len(self.data.train.filepaths) / self.cfg.data.batch_size)
+        compile_model(self.model, phase_cfg.optimizer, phase_cfg.lr, phase_cfg.schedule, steps)
+        return self.model
 
 
 def configure_tensorflow(cfg: Config) -> None:
@@ -43,11 +74,7 @@ def configure_tensorflow(cfg: Config) -> None:
 
 
 def plan_phases(cfg: Config) -> list[Phase]:
-    return [Phase(name, phase) for name, phase in (("head", cfg.train.head), ("finetune", cfg.train.finetune))
-            if phase.epochs > 0]
-
-
-PHASE_ORDER = ("head", "finetune")
+    return [Phase(name, getattr(cfg.train, name)) for name in PHASE_ORDER if getattr(cfg.train, name).epochs > 0]
 
 
 def advance(state: TrainState, phases: list[Phase]) -> Optional[Phase]:
@@ -76,8 +103,97 @@ def make_fingerprint(cfg: Config, data: DataSet) -> dict:
     }
 
 
+def run(cfg: Config, resume: Optional[bool] = None) -> dict:
+    """Train (or continue training) and save the final model; return the closing summary."""
+    started = time.time()
+    configure_tensorflow(cfg)
+    ensure_sample_data(cfg.data)
+    data = read_dataset(cfg.data)
+    # Built before anything in checkpoint.dir is touched, so weights that cannot
+    # be had stop the run with every folder as it was.
+    model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
+    check_unfreeze_after(model, cfg.train.finetune.unfreeze_after)
+    session = Session(cfg, data, model, make_fingerprint(cfg, data))
+    plan = plan_resume(Path(cfg.checkpoint.dir), session.fingerprint, resume)
+    phases = plan_phases(cfg)
+    done = finished_run(cfg, plan.candidates[0] if plan.candidates else None, phases)
+    if done:
+        print(f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
+              f"{done}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
+        return {"complete": True, "model": cfg.model.save_path}
+    if cfg.checkpoint.format == "tf_checkpoint":
+        session.twin = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
+    restored = restore_newest_usable(plan, session.prepare)
+    if restored:
+        session.state = restored.state
+        session.state.lineage = session.state.lineage + [restored.stem]
+        session.last_logs = restored.manifest.get("logs", {})
+    else:
+        session.state = TrainState(phase=phases[0].name)
+    summary.print_startup(cfg, data, phases, plan.reason, restored,
+                          resolve_unfreeze_after(cfg.train.finetune.unfreeze_after, session.pretrained))
+    train_phases(session, phases, compiled_for=session.state.phase if restored else None)
+    save_final(model, Path(cfg.model.save_path), final_metadata(session))
+    return summary.print_closing(cfg, session.state, session.last_logs, time.time() - started)
+
+
+def train_phases(session: Session, phases: list[Phase], compiled_for: Optional[str]) -> None:
+    """Run the remaining epochs of every phase, recompiling when the phase changes."""
+    validation = validation_batches(session.data, session.cfg.data)
+    session.stop.install()
+    try:
+        while (phase := advance(session.state, phases)) is not None:
+            if compiled_for != phase.name:
+                session.prepare(session.state)
+                compiled_for = phase.name
+            fit_epoch(session, phase, validation)
+            if session.stop.raised:  # SIGTERM arrived during validation or the checkpoint
+                raise Preempted(f"stopped on SIGTERM after epoch {session.state.epoch}; "
+                                "run the same command to continue")
+    finally:
+        session.stop.uninstall()
+
+
+def fit_epoch(session: Session, phase: Phase, validation) -> None:
+    """Train one epoch of `phase` from state.batch on, then checkpoint as configured."""
+    cfg, state = session.cfg, session.state
+    print(f"{phase.name} epoch {state.phase_epoch + 1}/{phase.cfg.epochs} "
+          f"(epoch {state.epoch + 1} overall)", flush=True)
+    batches = train_batches(session.data, cfg.data, cfg.train.seed, state.epoch, state.batch)
+
+    def save_mid_epoch(done: int, logs: dict) -> str:
+        state.batch = done
+        return write_checkpoint(session, {**logs, "val_loss": float("nan"), "val_accuracy": float("nan")})
+
+    saver = BatchSaver(save_mid_epoch, cfg.checkpoint.every_batches, state.batch,
+                       batches.batches_per_epoch, session.stop)
+    # shuffle=False: Batches already shuffles by (seed, epoch). fit() would reorder
+    # batches with Python's global `random`, whose state a resumed process does not share.
+    history = session.model.fit(batches, validation_data=validation, epochs=1, shuffle=False,
+                                callbacks=[saver], verbose=1 if sys.stdout.isatty() else 2)
+    session.last_logs = {k: float(v[-1]) for k, v in history.history.items()}
+    state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
+    if (state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs
+            or session.stop.raised):
+        write_checkpoint(session, session.last_logs)
+
+
+def write_checkpoint(session: Session, logs: dict) -> str:
+    """Commit a checkpoint (recording whether it is the best so far), then prune old ones."""
+    cfg, state = session.cfg, session.state
+    stem = checkpoint_stem(cfg.checkpoint, state, logs)
+    value = logs.get(cfg.checkpoint.monitor)
+    if monitor_improved(cfg, value, state.best):
+        state.best, state.best_stem = value, stem
+    save_checkpoint(session.model, cfg.checkpoint, stem, state, logs, session.fingerprint, session.twin)
+    keep = 1 if cfg.checkpoint.save_best_only else cfg.checkpoint.keep_last
+    prune(Path(cfg.checkpoint.dir), keep, state.best_stem)
+    print(f"checkpoint: {Path(cfg.checkpoint.dir) / stem} ({cfg.checkpoint.format})", flush=True)
+    return stem
+
+
 def monitor_improved(cfg: Config, value: Optional[float], best: Optional[float]) -> bool:
-    if value is None:
+    if value is None or value != value:  # NaN: mid-epoch checkpoints have no validation yet
         return False
     if best is None:
         return True
@@ -87,100 +203,18 @@ def monitor_improved(cfg: Config, value: Optional[float], best: Optional[float])
     return value > best if mode == "max" else value < best
 
 
-def run(cfg: Config, resume: Optional[bool] = None) -> dict:
-    """Train (or continue training) and save the final model; return the closing summary."""
-    started = time.time()
-    configure_tensorflow(cfg)
-    ensure_sample_data(cfg.data)
-    data = read_dataset(cfg.data)
-    # The model is built before anything in checkpoint.dir is touched, so weights
-    # that cannot be had stop the run with every folder as it was.
-    model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
-    check_unfreeze_after(model, cfg.train.finetune.unfreeze_after)
-    fingerprint = make_fingerprint(cfg, data)
-    plan = plan_resume(Path(cfg.checkpoint.dir), fingerprint, resume)
-    phases = plan_phases(cfg)
-    done = finished_run(cfg, plan.candidates[0] if plan.candidates else None, phases)
-    if done:
-        print(f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
-              f"{done}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
-        return {"complete": True, "model": cfg.model.save_path}
-    twin = (build_model(cfg.model, len(data.class_names), cfg.data.image_size)
-            if cfg.checkpoint.format == "tf_checkpoint" else None)
-    pretrained = cfg.model.weights is not None
-    unfreeze_after = resolve_unfreeze_after(cfg.train.finetune.unfreeze_after, pretrained)
-
-    def prepare(state: TrainState) -> keras.Model:
-        # By the state's own phase, even one now configured with 0 epochs: the
-        # optimizer state being restored belongs to that phase's trainable layers.
-        phase_cfg = getattr(cfg.train, state.phase)
-        set_trainable(model, state.phase, unfreeze_after, pretrained)
-        compile_model(model, phase_cfg.optimizer, phase_cfg.lr)
-        return model
-
-    restored = restore_newest_usable(plan, prepare)
-    state = restored.state if restored else TrainState(phase=phases[0].name)
-    if restored:
-        state.lineage = state.lineage + [restored.stem]
-    summary.print_startup(cfg, data, phases, plan.reason, restored, unfreeze_after)
-
-    validation = validation_batches(data, cfg.data)
-    last_logs: dict = restored.manifest.get("logs", {}) if restored else {}
-    compiled_for = state.phase if restored else None
-    while (phase := advance(state, phases)) is not None:
-        if compiled_for != phase.name:
-            prepare(state)
-            compiled_for = phase.name
-        last_logs = fit_epoch(model, phase, state, data, validation, cfg, fingerprint, twin) or last_logs
-
-    metadata = {"class_names": data.class_names, "image_size": cfg.data.image_size,
-                "final_checkpoint": latest_stem(cfg), "lineage": state.lineage,
-                "best": {"monitor": cfg.checkpoint.monitor, "value": state.best, "checkpoint": state.best_stem},
-                "last_logs": last_logs, "config": asdict(cfg)}
-    save_final(model, Path(cfg.model.save_path), metadata)
-    return summary.print_closing(cfg, state, last_logs, time.time() - started)
-
-
-def fit_epoch(model, phase: Phase, state: TrainState, data: DataSet, validation, cfg: Config,
-              fingerprint: dict, twin) -> dict:
-    """Train one epoch of `phase` from state.batch on, then checkpoint as configured."""
-    print(f"{phase.name} epoch {state.phase_epoch + 1}/{phase.cfg.epochs} "
-          f"(epoch {state.epoch + 1} overall)", flush=True)
-    batches = train_batches(data, cfg.data, cfg.train.seed, state.epoch, state.batch)
-    # shuffle=False: Batches already shuffles by (seed, epoch). fit() would reorder
-    # batches with Python's global `random`, whose state a resumed process does not share.
-    history = model.fit(batches, validation_data=validation, epochs=1, shuffle=False,
-                        verbose=1 if sys.stdout.isatty() else 2)
-    logs = {k: float(v[-1]) for k, v in history.history.items()}
-    state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
-    if state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs:
-        write_checkpoint(model, state, logs, cfg, fingerprint, twin)
-    return logs
-
-
-def write_checkpoint(model, state: TrainState, logs: dict, cfg: Config, fingerprint: dict, twin) -> None:
-    """Commit a checkpoint (recording whether it is the best so far), then prune old ones."""
-    stem = checkpoint_stem(cfg.checkpoint, state, logs)
-    value = logs.get(cfg.checkpoint.monitor)
-    if monitor_improved(cfg, value, state.best):
-        state.best, state.best_stem = value, stem
-    save_checkpoint(model, cfg.checkpoint, stem, state, logs, fingerprint, twin)
-    keep = 1 if cfg.checkpoint.save_best_only else cfg.checkpoint.keep_last
-    prune(Path(cfg.checkpoint.dir), keep, state.best_stem)
-    print(f"checkpoint: {Path(cfg.checkpoint.dir) / stem} ({cfg.checkpoint.format})", flush=True)
-
-
-def latest_stem(cfg: Config) -> Optional[str]:
+def final_metadata(session: Session) -> dict:
+    cfg, state = session.cfg, session.state
     found = list_checkpoints(Path(cfg.checkpoint.dir))
-    return found[-1].stem if found else None
+    return {"class_names": session.data.class_names, "image_size": cfg.data.image_size,
+            "final_checkpoint": found[-1].stem if found else None, "lineage": state.lineage,
+            "best": {"monitor": cfg.checkpoint.monitor, "value": state.best, "checkpoint": state.best_stem},
+            "last_logs": session.last_logs, "config": asdict(cfg)}
 
 
 def finished_run(cfg: Config, newest: Optional[Checkpoint], phases: list[Phase]) -> Optional[str]:
     """The newest checkpoint's name if training is done and the final model came from it."""
-    if newest is None:
-        return None
-    state = newest.state
-    if advance(state, phases) is not None:
+    if newest is None or advance(newest.state, phases) is not None:
         return None
     meta = read_metadata(Path(cfg.model.save_path))
     return newest.stem if meta and meta.get("final_checkpoint") == newest.stem else None

@@ -1,15 +1,14 @@
 """The composed configuration: defaults, types, ranges, the seed's spellings."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
 from conftest import REPO
-from pipeline.config import ConfigError, register_schema, to_config
+from pipeline.config import ConfigError, register_config, to_config
 
-OmegaConf.register_new_resolver("run_name", lambda s: s or "default", replace=True)
-register_schema()
+register_config()
 
 
 def compose_config(*overrides):
@@ -33,6 +32,14 @@ def test_resume_is_absent_so_plus_resume_can_add_it():
     assert "resume" not in compose_config()
     assert compose_config("+resume=true").resume is True
     assert compose_config("+resume=false").resume is False
+
+
+def test_finetune_rate_defaults_to_the_weights_source():
+    pretrained, _ = to_config(compose_config())
+    scratch, _ = to_config(compose_config("model.weights=null"))
+    assert pretrained.train.finetune.lr == 1e-4 and scratch.train.finetune.lr == 1e-3
+    explicit, _ = to_config(compose_config("model.weights=null", "train.finetune.lr=0.01"))
+    assert explicit.train.finetune.lr == 0.01
 
 
 def test_smoke_experiment_shrinks_the_run():
@@ -82,3 +89,21 @@ def test_seed_spellings_are_translated_with_a_note():
 def test_unfillable_filename_is_refused_before_training(pattern):
     with pytest.raises(ConfigError, match="checkpoint.filename"):
         to_config(compose_config(f"checkpoint.filename='{pattern}'"))
+
+
+# --- the keys of the image check (data.on_bad_image, data.max_pixels) and data.dir ---
+
+def test_image_check_defaults_fail_on_bad_images_at_pillows_bomb_limit():
+    config, _ = to_config(compose_config())
+    assert config.data.on_bad_image == "fail" and config.data.max_pixels == 89_478_485
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.on_bad_image=ignore", "data.on_bad_image='ignore' is not allowed; choose one of: fail, skip"),
+    ("data.max_pixels=0", "data.max_pixels=0 must be >= 1"),
+    # make_sample_if_empty is true by default: a mistyped folder must still be refused, not filled
+    ("data.dir=/no/such/folder", "data.dir='/no/such/folder' is not a folder"),
+])
+def test_image_check_keys_and_data_dir_are_validated(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        to_config(compose_config(override))

@@ -1,0 +1,155 @@
+"""The resume contract, in real subprocesses: SIGKILL inside every save step and
+mid-epoch, every checkpoint format, SIGTERM, damaged checkpoints, a full disk.
+
+Each killed run is continued by the same command, and its final weights are
+compared with an uninterrupted run of the same configuration. To keep the suite
+quick these runs train the head phase only (2 epochs of 3 batches); the kill
+test in test_e2e.py covers the fine-tune phase.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import REPO, cli_env, run_args, run_cli
+
+pytestmark = pytest.mark.e2e
+HEAD_ONLY = ["train.head.epochs=2", "train.finetune.epochs=0"]
+
+
+def args_for(tmp, data, *extra):
+    return run_args(tmp, data, *HEAD_ONLY, *extra)
+
+
+def final_weights(tmp):
+    return [w.numpy() for w in keras.models.load_model(tmp / "model" / "final.h5", compile=False).weights]
+
+
+def largest_difference(a, b) -> float:
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data):
+    tmp = tmp_path_factory.mktemp("reference")
+    result = run_cli(*args_for(tmp, tiny_data), cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp, final_weights(tmp)
+
+
+def killed_then_resumed(tmp, data, kill_at, *extra):
+    """Run with a SIGKILL at `kill_at`, check it died there, run the same command again."""
+    first = run_cli(*args_for(tmp, data, *extra), cwd=REPO, env=cli_env(PIPELINE_KILL_AT=kill_at))
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    second = run_cli(*args_for(tmp, data, *extra), cwd=REPO)
+    assert second.returncode == 0, second.stdout + second.stderr
+    return first, second
+
+
+@pytest.mark.parametrize("fmt, kill_at", [
+    ("h5", "after_write#2"),            # files written, nothing renamed into place
+    ("weights_h5", "before_manifest#2"),  # files in place, manifest not yet committed
+    ("tf_checkpoint", "after_manifest#2"),  # committed, intent record not yet removed
+    ("keras", "final_before_rename"),   # during the final save
+])
+def test_kill_inside_a_save_step_resumes_exactly_in_every_format(reference, tmp_path, tiny_data, fmt, kill_at):
+    first, second = killed_then_resumed(tmp_path, tiny_data, kill_at, f"checkpoint.format={fmt}")
+    assert "resume: from checkpoint transfer_0" in second.stdout
+    assert largest_difference(reference[1], final_weights(tmp_path)) <= 1e-5
+    leftovers = [p.name for p in (tmp_path / "ckpt").iterdir()
+                 if p.name.startswith(".") or p.name.endswith(".pending.json")]
+    assert leftovers == []
+    assert not list((tmp_path / "model").glob(".*tmp*"))
+
+
+def test_kill_during_the_final_save_keeps_the_previous_model(reference, tmp_path, tiny_data):
+    (tmp_path / "model").mkdir()
+    previous = tmp_path / "model" / "final.h5"
+    shutil.copy(reference[0] / "model" / "final.h5", previous)
+    old_bytes = previous.read_bytes()
+    first = run_cli(*args_for(tmp_path, tiny_data, "train.seed=7"), cwd=REPO,
+                    env=cli_env(PIPELINE_KILL_AT="final_before_rename"))
+    assert first.returncode == -signal.SIGKILL
+    assert previous.read_bytes() == old_bytes
+    second = run_cli(*args_for(tmp_path, tiny_data, "train.seed=7"), cwd=REPO)
+    assert second.returncode == 0, second.stderr
+    assert previous.read_bytes() != old_bytes
+    assert keras.models.load_model(previous, compile=False).output_shape == (None, 3)
+
+
+def test_kill_mid_epoch_resumes_at_the_right_batch(reference, tmp_path, tiny_data):
+    # checkpoints after batches 1 and 2 of epoch 1; killed right after the second commits
+    first, second = killed_then_resumed(tmp_path, tiny_data, "after_manifest#2", "checkpoint.every_batches=1")
+    assert "2 batches into the next" in second.stdout
+    assert largest_difference(reference[1], final_weights(tmp_path)) <= 1e-5
+
+
+def test_sigterm_saves_at_the_next_batch_and_resumes_exactly(reference, tmp_path, tiny_data):
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args_for(tmp_path, tiny_data)], cwd=REPO,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("head epoch 1/2"):
+                proc.send_signal(signal.SIGTERM)
+                sent = time.time()
+                break
+        output.extend(proc.stdout)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    text = "".join(output)
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert time.time() - sent < 30
+    assert "stopped on SIGTERM after checkpoint" in text
+    second = run_cli(*args_for(tmp_path, tiny_data), cwd=REPO)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resume: from checkpoint" in second.stdout
+    assert largest_difference(reference[1], final_weights(tmp_path)) <= 1e-5
+
+
+def copy_of_reference_checkpoints(reference, tmp_path):
+    shutil.copytree(reference[0] / "ckpt", tmp_path / "ckpt")
+    return sorted((tmp_path / "ckpt").glob("*.keras"))
+
+
+def test_damaged_newest_checkpoint_is_named_and_the_previous_one_used(reference, tmp_path, tiny_data):
+    older, newest = copy_of_reference_checkpoints(reference, tmp_path)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    result = run_cli(*args_for(tmp_path, tiny_data), cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"warning: skipping checkpoint {newest.stem}" in result.stdout and "checksum" in result.stdout
+    assert f"resume: from checkpoint {older.stem}" in result.stdout
+    assert largest_difference(reference[1], final_weights(tmp_path)) <= 1e-5
+
+
+def test_no_usable_checkpoint_stops_instead_of_starting_from_scratch(reference, tmp_path, tiny_data):
+    checkpoints = copy_of_reference_checkpoints(reference, tmp_path)
+    checkpoints[0].write_bytes(checkpoints[0].read_bytes()[:1000])  # truncated
+    checkpoints[1].unlink()
+    result = run_cli(*args_for(tmp_path, tiny_data), cwd=REPO)
+    assert result.returncode == 2
+    assert "none of the 2 checkpoints" in result.stderr and "+resume=false" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "model").exists()
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, tiny_data):
+    result = run_cli(*args_for(tmp_path, tiny_data), cwd=REPO, env=cli_env(PIPELINE_ENOSPC_AT="after_write#2"))
+    assert result.returncode == 2
+    assert "No space left on device" in result.stderr and str(tmp_path / "ckpt") in result.stderr
+    manifests = list((tmp_path / "ckpt").glob("*.manifest.json"))
+    assert len(manifests) == 1 and manifests[0].name.startswith("transfer_01-")
+    listed = json.loads(manifests[0].read_text())["files"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted([manifests[0].name, *listed])
