@@ -63,6 +63,12 @@ class Checkpoint:
     def state(self) -> TrainState:
         return TrainState(**self.manifest["state"])
 
+    @property
+    def identity(self) -> str:
+        """Name plus content digest: two runs can write the same name, never the same bytes."""
+        digest = hashlib.sha256(json.dumps(self.manifest["files"], sort_keys=True).encode()).hexdigest()
+        return f"{self.stem}@{digest[:16]}"
+
 
 _reached: dict = {}
 

@@ -207,7 +207,7 @@ def final_metadata(session: Session) -> dict:
     cfg, state = session.cfg, session.state
     found = list_checkpoints(Path(cfg.checkpoint.dir))
     return {"class_names": session.data.class_names, "image_size": cfg.data.image_size,
-            "final_checkpoint": found[-1].stem if found else None, "lineage": state.lineage,
+            "final_checkpoint": found[-1].identity if found else None, "lineage": state.lineage,
             "best": {"monitor": cfg.checkpoint.monitor, "value": state.best, "checkpoint": state.best_stem},
             "last_logs": session.last_logs, "config": asdict(cfg)}
 
@@ -217,4 +217,4 @@ def finished_run(cfg: Config, newest: Optional[Checkpoint], phases: list[Phase])
     if newest is None or advance(newest.state, phases) is not None:
         return None
     meta = read_metadata(Path(cfg.model.save_path))
-    return newest.stem if meta and meta.get("final_checkpoint") == newest.stem else None
+    return newest.stem if meta and meta.get("final_checkpoint") == newest.identity else None
