@@ -7,14 +7,17 @@ traceback; HYDRA_FULL_ERROR=1 shows the traceback for debugging.
 import os
 import signal
 import sys
+from pathlib import Path
 
 # TensorFlow's C++ start-up chatter hides the messages that matter.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from .config import ConfigError, register_config, to_config  # noqa: E402
+from .config import ConfigError, register_config, run_name, to_config  # noqa: E402
 
 register_config()
 
@@ -46,6 +49,7 @@ def main(cfg: DictConfig):
     try:
         resume = parse_resume(cfg.get("resume"))
         config, notes = to_config(cfg)
+        give_sweep_job_its_own_paths(config)
         for note in notes:
             print(f"note: {note}")
         import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
@@ -60,6 +64,22 @@ def main(cfg: DictConfig):
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def give_sweep_job_its_own_paths(config) -> None:
+    """In a multirun sweep, each job checkpoints and saves under its own name.
+
+    The name is the job's overrides (Hydra's override_dirname), not the clock,
+    so jobs never share files and a rerun of the sweep finds each job's own
+    checkpoints. A single run keeps ckpt/ and model/ as configured.
+    """
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    job = run_name(hydra_cfg.job.override_dirname)
+    config.checkpoint.dir = str(Path(config.checkpoint.dir) / job)
+    save_path = Path(config.model.save_path)
+    config.model.save_path = str(save_path.parent / job / save_path.name)
 
 
 def is_preemption(err: Exception) -> bool:

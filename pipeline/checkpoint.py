@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -35,6 +36,11 @@ PENDING = ".pending.json"
 STATE = ".state.npz"
 ARCHIVE = "archive"
 INCOMING = ".incoming-"
+
+
+# `.h5` full models are what the seed's users load, on purpose: Keras's "legacy
+# format" warning on every such save would only alarm them.
+logging.getLogger("absl").addFilter(lambda record: "considered legacy" not in record.getMessage())
 
 
 class CheckpointError(RuntimeError):

@@ -91,12 +91,17 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+def run_name(override_dirname: str) -> str:
+    """A folder name for a run from its overrides: one path level, never empty."""
+    return override_dirname.replace("/", "_") or "default"
+
+
 def register_config() -> None:
     """Register the schema (the base of conf/config.yaml) and the resolvers conf/ uses."""
     ConfigStore.instance().store(name="schema", node=Config)
     # Hydra's run and sweep folders are named from the overrides, not the clock, so
     # the same command finds its own folder again; no overrides means "default".
-    OmegaConf.register_new_resolver("run_name", lambda dirname: dirname or "default", replace=True)
+    OmegaConf.register_new_resolver("run_name", run_name, replace=True)
     # A default that depends on whether the base starts pretrained (see conf/train/default.yaml).
     OmegaConf.register_new_resolver(
         "pretrained_or_scratch", lambda weights, pretrained, scratch: scratch if weights is None else pretrained,

@@ -64,13 +64,20 @@ class Session:
 
 
 def configure_tensorflow(cfg: Config) -> None:
-    """Seeds, and op determinism for bit-exact runs and resumes (before TF starts its runtime)."""
+    """A clean Keras state, seeds, and op determinism for bit-exact runs and resumes."""
+    # Sweep jobs run one after another in one process: free the previous job's graphs and names.
+    keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.train.seed)
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
         # Measured: op determinism alone still let two processes differ by 0.02
         # in the weights; one inter-op thread made them agree bit for bit.
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        # TensorFlow accepts the thread setting only before its runtime starts,
+        # so a later job of the same sweep process keeps the first job's setting.
+        try:
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            pass
 
 
 def plan_phases(cfg: Config) -> list[Phase]:

@@ -153,3 +153,17 @@ def test_make_help_lists_every_target():
     out = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True).stdout
     for target in ("train", "test", "setup", "bench", "help"):
         assert f"make {target} " in out
+
+
+def test_multirun_jobs_never_share_checkpoints_or_models(tmp_path, tiny_data):
+    args = [a for a in run_args(tmp_path, tiny_data, "train.finetune.epochs=0") if not a.startswith("hydra.run")]
+    result = run_cli("-m", *args, "train.head.lr=0.001,0.002", f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert len(jobs) == 2 and all("train.head.lr=0.00" in j for j in jobs)
+    for job in jobs:
+        assert len(list((tmp_path / "ckpt" / job).glob("*.manifest.json"))) == 1
+        assert (tmp_path / "model" / job / "final.h5").exists()
+    # the same sweep again: every job finds its own finished run
+    again = run_cli("-m", *args, "train.head.lr=0.001,0.002", f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=REPO)
+    assert again.returncode == 0 and again.stdout.count("already complete") == 2

@@ -386,7 +386,7 @@ def test_the_run_stops_on_a_broken_image_before_writing_a_checkpoint(tmp_path, t
     result = run_cli(*run_args(tmp_path, data), cwd=tmp_path, timeout=300)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert f"error: 1 of 19 images cannot be used" in result.stderr
+    assert "error: 1 of 19 images cannot be used" in result.stderr
     assert f"\n  {broken}: truncated\n" in result.stderr and "data.on_bad_image=skip" in result.stderr
     for folder in ("ckpt", "model"):
         assert not (tmp_path / folder).exists() or not any((tmp_path / folder).iterdir()), folder
