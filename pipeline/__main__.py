@@ -55,7 +55,7 @@ def main(cfg: DictConfig):
         import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
         from .train import run
 
-        return run(config, resume)
+        return run(config, resume, Path(HydraConfig.get().runtime.output_dir))
     except Exception as err:
         if is_preemption(err):
             print(str(err), flush=True)

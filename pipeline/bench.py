@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         work = args.work or Path(scratch)
         measure_checkpoint_cost(work, args.image_size, args.batch_size)
+    from .image_check import report_check_speed
+
+    report_check_speed()
     return 0
 
 

@@ -18,6 +18,7 @@ from .checkpoint import (Checkpoint, CheckpointError, TrainState, checkpoint_ste
 from .config import Config, ConfigError, PhaseConfig
 from .data import DataError, DataSet, ensure_sample_data, read_dataset, train_batches, validation_batches
 from .final_model import read_metadata, save_final
+from .image_check import check_images
 from .model import (WeightsError, build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after,
                     set_trainable)
 from .resume import plan_resume, restore_newest_usable
@@ -110,12 +111,16 @@ def make_fingerprint(cfg: Config, data: DataSet) -> dict:
     }
 
 
-def run(cfg: Config, resume: Optional[bool] = None) -> dict:
-    """Train (or continue training) and save the final model; return the closing summary."""
+def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("outputs/default")) -> dict:
+    """Train (or continue training) and save the final model; return the closing summary.
+
+    `report_dir` is the run's output folder (Hydra's), for reports such as the bad-image list.
+    """
     started = time.time()
     configure_tensorflow(cfg)
     ensure_sample_data(cfg.data)
-    data = read_dataset(cfg.data)
+    # Every image decoded now, in seconds, rather than failing hours into the run.
+    data = check_images(read_dataset(cfg.data), cfg.data, report_dir)
     # Built before anything in checkpoint.dir is touched, so weights that cannot
     # be had stop the run with every folder as it was.
     model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
