@@ -43,7 +43,8 @@ def test_finetune_after_mixed8_with_pretrained_base_keeps_batchnorm_frozen(net):
     base_layers = [layer.name for layer in base_of(net).layers]
     cut = base_layers.index("mixed8")
     assert names and all(base_layers.index(n) > cut for n in names)
-    assert "conv2d_93" in names  # last conv of the top block trains
+    last_conv = [layer.name for layer in base_of(net).layers if isinstance(layer, layers.Conv2D)][-1]
+    assert last_conv in names  # the top block's last conv trains (names depend on models built before)
     assert not any(isinstance(base_of(net).get_layer(n), layers.BatchNormalization) for n in names)
 
 
