@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from .config import ConfigError, register_config, run_name, to_config  # noqa: E402
 
@@ -50,6 +50,7 @@ def main(cfg: DictConfig):
         resume = parse_resume(cfg.get("resume"))
         config, notes = to_config(cfg)
         give_sweep_job_its_own_paths(config)
+        record_run_config(cfg)
         for note in notes:
             print(f"note: {note}")
         import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
@@ -57,6 +58,8 @@ def main(cfg: DictConfig):
 
         return run(config, resume, Path(HydraConfig.get().runtime.output_dir))
     except Exception as err:
+        if isinstance(err, ConfigError):
+            remove_empty_run_dir()
         if is_preemption(err):
             print(str(err), flush=True)
             sys.exit(128 + signal.SIGTERM)  # the shell's code for "ended by SIGTERM"
@@ -64,6 +67,27 @@ def main(cfg: DictConfig):
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def record_run_config(cfg: DictConfig) -> None:
+    """Write the composed config and the overrides into the run's folder (Hydra's .hydra/)."""
+    hydra_cfg = HydraConfig.get()
+    record = Path(hydra_cfg.runtime.output_dir) / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, record / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
+
+
+def remove_empty_run_dir() -> None:
+    """Hydra creates the run folder before the config is validated; a rejected run removes it."""
+    folder = Path(HydraConfig.get().runtime.output_dir).resolve()
+    cwd = Path.cwd().resolve()
+    # The run folder itself, then empty parents Hydra made below the working folder (outputs/).
+    while folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+        if folder == cwd or cwd not in folder.parents:
+            break
 
 
 def give_sweep_job_its_own_paths(config) -> None:
