@@ -63,6 +63,9 @@ def measure_checkpoint_cost(work: Path, image_size: int, batch_size: int) -> Non
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         work = args.work or Path(scratch)
         measure_checkpoint_cost(work, args.image_size, args.batch_size)
