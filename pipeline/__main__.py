@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from .config import ConfigError, register_config, run_name, to_config  # noqa: E402
 from .quiet import import_tensorflow_quietly  # noqa: E402
+from .sweep import write_result  # noqa: E402
 
 register_config()
 
@@ -42,7 +43,10 @@ def main(cfg: DictConfig):
         import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
         from .train import run
 
-        return run(config, resume, Path(HydraConfig.get().runtime.output_dir))
+        outcome = run(config, resume, Path(HydraConfig.get().runtime.output_dir))
+        write_result(Path(HydraConfig.get().runtime.output_dir), list(HydraConfig.get().overrides.task), outcome)
+        # What Hydra's sweepers (Optuna) optimise: the best monitored value.
+        return outcome["best"] if outcome["best"] is not None else float("nan")
     except Exception as err:
         if isinstance(err, ConfigError):
             remove_empty_run_dir()

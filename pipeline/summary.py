@@ -34,21 +34,27 @@ def print_startup(cfg: Config, data, phases, reason: str, restored, unfreeze_aft
     print("\n".join(lines), flush=True)
 
 
-def print_closing(cfg: Config, state: TrainState, last_logs: dict, seconds: float) -> dict:
-    outcome = {
-        "complete": True,
+def outcome(cfg: Config, state: TrainState, last_logs: dict, seconds: float, status: str) -> dict:
+    """What a run achieved, flat, for sweep summaries and Optuna (which maximises `best`)."""
+    return {
+        "status": status,
+        "monitor": cfg.checkpoint.monitor,
+        "best": state.best,
+        "best_checkpoint": state.best_stem,
+        "last": last_logs.get(cfg.checkpoint.monitor),
         "epochs": state.epoch,
-        "best": {cfg.checkpoint.monitor: state.best, "checkpoint": state.best_stem},
-        "last": last_logs,
-        "model": cfg.model.save_path,
         "seconds": round(seconds, 1),
+        "model": cfg.model.save_path,
     }
+
+
+def print_closing(cfg: Config, state: TrainState, last_logs: dict, seconds: float) -> dict:
     last_acc = last_logs.get("val_accuracy")
     print(f"done in {seconds:.0f} s: best {cfg.checkpoint.monitor} {fmt(state.best)} "
           f"(checkpoint {state.best_stem}), last val_accuracy {fmt(last_acc)}")
     print(f"saved: {cfg.model.save_path} (+ {Path(cfg.model.save_path).with_suffix('.json')}), "
           f"checkpoints in {cfg.checkpoint.dir}/", flush=True)
-    return outcome
+    return outcome(cfg, state, last_logs, seconds, "trained")
 
 
 def fmt(value) -> str:

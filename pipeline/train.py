@@ -132,7 +132,9 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
     if done:
         print(f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
               f"{done}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
-        return {"complete": True, "model": cfg.model.save_path}
+        newest = plan.candidates[0]
+        return summary.outcome(cfg, newest.state, newest.manifest.get("logs", {}), time.time() - started,
+                               "already complete")
     if cfg.checkpoint.format == "tf_checkpoint":
         session.twin = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
     restored = restore_newest_usable(plan, session.prepare)

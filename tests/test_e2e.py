@@ -1,6 +1,7 @@
 """The real CLI in subprocesses: train, rerun, kill -9 and resume, refusals."""
 from __future__ import annotations
 
+import csv
 import json
 import re
 import signal
@@ -164,6 +165,26 @@ def test_multirun_jobs_never_share_checkpoints_or_models(tmp_path, tiny_data):
     for job in jobs:
         assert len(list((tmp_path / "ckpt" / job).glob("*.manifest.json"))) == 1
         assert (tmp_path / "model" / job / "final.h5").exists()
+    with open(tmp_path / "multirun" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["job"] for r in rows) == jobs
+    assert all(r["status"] == "trained" and 0 <= float(r["best"]) <= 1 and r["epochs"] == "1" for r in rows)
     # the same sweep again: every job finds its own finished run
     again = run_cli("-m", *args, "train.head.lr=0.001,0.002", f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=REPO)
-    assert again.returncode == 0 and again.stdout.count("already complete") == 2
+    assert again.returncode == 0 and again.stdout.count("This run is already complete") == 2
+    with open(tmp_path / "multirun" / "summary.csv") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["already complete"] * 2
+
+
+def test_optuna_search_runs_trials_and_names_the_best(tmp_path, tiny_data):
+    args = [a for a in run_args(tmp_path, tiny_data, "train.finetune.epochs=0") if not a.startswith("hydra.run")]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = run_cli("-m", "hparams_search=optuna", *args, "hydra.sweeper.n_trials=2",
+                     f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Best parameters" in output and "Best value" in output
+    with open(tmp_path / "multirun" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all("model.dropout=" in r["overrides"] for r in rows)
+    assert (tmp_path / "optuna.db").exists()

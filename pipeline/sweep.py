@@ -1,0 +1,63 @@
+"""What a sweep leaves behind: each job's result, and one summary.csv per sweep.
+
+Each job writes result.json into its own output folder; at the end of the
+sweep the summary is built from those files, so it works with any launcher
+(jobs in this process, in joblib workers, or on a cluster) and a rerun of an
+interrupted sweep summarises finished and resumed jobs alike.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+RESULT = "result.json"
+SUMMARY = "summary.csv"
+COLUMNS = ("job", "overrides", "status", "monitor", "best", "last", "epochs", "seconds", "model")
+
+
+def write_result(run_dir: Path, overrides: list[str], outcome: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RESULT).write_text(json.dumps({"overrides": overrides, **outcome}, indent=1))
+
+
+def collect_results(sweep_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(Path(sweep_dir).glob(f"*/{RESULT}")):
+        result = json.loads(path.read_text())
+        rows.append({"job": path.parent.name, **result, "overrides": " ".join(result.get("overrides", []))})
+    return rows
+
+
+def write_summary(sweep_dir: Path) -> list[dict]:
+    """summary.csv in the sweep folder, one row per job; printed as a table too."""
+    rows = collect_results(sweep_dir)
+    with open(Path(sweep_dir) / SUMMARY, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print_table(rows)
+    print(f"sweep summary: {Path(sweep_dir) / SUMMARY}")
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    shown = ("overrides", "status", "best", "last", "epochs", "seconds")
+    cells = [[fmt(row.get(c)) for c in shown] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(shown)]
+    for line in [list(shown), *cells]:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
+
+
+def fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+class SweepSummary(Callback):
+    """Hydra callback (conf/config.yaml: hydra.callbacks) that writes the summary at the end of a sweep."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        write_summary(Path(config.hydra.sweep.dir))
