@@ -317,6 +317,10 @@ def restore(model: keras.Model, ckpt: Checkpoint) -> None:
     directory = ckpt.path.parent
     fmt = ckpt.manifest["format"]
     model_file = directory / (ckpt.stem + SUFFIXES[fmt])
+    # Built first: a .keras file's own optimizer state then loads cleanly instead
+    # of Keras warning that it skipped it (the .state.npz values are set below anyway).
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
     if fmt == "tf_checkpoint":
         tf.train.Checkpoint(model=model).restore(str(model_file)).expect_partial()
     else:
@@ -328,10 +332,7 @@ def restore(model: keras.Model, ckpt: Checkpoint) -> None:
 
 
 def restore_optimizer(model: keras.Model, values: list) -> None:
-    optimizer = model.optimizer
-    if not optimizer.built:
-        optimizer.build(model.trainable_variables)
-    variables = optimizer.variables
+    variables = model.optimizer.variables
     if len(variables) != len(values):
         raise CheckpointError(f"optimizer state has {len(values)} variables, the model's optimizer "
                               f"{len(variables)}: the checkpoint was made with other trainable layers")

@@ -40,7 +40,7 @@ UNREADABLE, TOO_MANY_PIXELS, CANNOT_DECODE = "unreadable", "too many pixels", "c
 REASONS = (EMPTY, TRUNCATED, NOT_AN_IMAGE, UNREADABLE, TOO_MANY_PIXELS, CANNOT_DECODE)
 CACHE_NAME = ".image_check_cache.json"
 # Bump when decode_image changes what it accepts: every cached verdict is then stale.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 REPORT_NAME = "bad_images.csv"
 CHUNK = 32  # files per task: fewer hand-offs between the pool and this thread
 PROGRESS_EVERY = 10.0  # seconds between progress lines on a large set
@@ -154,7 +154,7 @@ def check_file(path: str, max_pixels: int) -> Verdict:
     except OSError as err:
         if err.errno is not None:  # the operating system refused: permissions, a folder, a broken link
             return Verdict(UNREADABLE, err.strerror or str(err))
-        if "truncated" in str(err):
+        if "truncated" in str(err).lower():  # "image file is truncated", "Truncated File Read"
             return Verdict(TRUNCATED)
         return Verdict(CANNOT_DECODE, str(err))
     except Exception as err:  # Pillow raises many types for a corrupt stream or an unsupported mode

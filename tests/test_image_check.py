@@ -53,6 +53,12 @@ def write_truncated_png(path):
     path.write_bytes(data[:len(data) // 2])
 
 
+def write_jpeg_header_only(path):
+    # cut inside the headers: Pillow says "Truncated File Read", not "image file is truncated"
+    photo(256, 256).save(path, "JPEG", quality=95)
+    path.write_bytes(path.read_bytes()[:500])
+
+
 def write_empty(path):
     path.write_bytes(b"")
 
@@ -68,6 +74,7 @@ def write_bomb(path):
 BAD_CASES = {
     "truncated.jpg": (write_truncated_jpeg, "truncated"),
     "truncated.png": (write_truncated_png, "truncated"),
+    "header_only.jpg": (write_jpeg_header_only, "truncated"),
     "empty.jpg": (write_empty, "empty"),
     "notes_renamed.jpg": (write_text_as_jpeg, "not an image"),
     "bomb.png": (write_bomb, "too many pixels"),
@@ -216,7 +223,8 @@ def test_fail_lists_every_bad_file_and_says_how_to_go_on(tmp_path):
     with pytest.raises(DataError) as caught:
         check_images(data, config(tmp_path / "d", max_pixels=BOMB_LIMIT), tmp_path / "run")
     message = str(caught.value)
-    assert message.startswith(f"{len(expected)} of 17 images cannot be used")
+    total = len(data.train.filepaths) + len(data.validation.filepaths)
+    assert message.startswith(f"{len(expected)} of {total} images cannot be used")
     listed = [line for line in message.splitlines() if line.startswith("  ")]
     assert len(listed) == len(expected)
     for path, reason in expected.items():
@@ -228,13 +236,15 @@ def test_fail_lists_every_bad_file_and_says_how_to_go_on(tmp_path):
 def test_skip_trains_without_them_and_reports_them(tmp_path, capsys):
     expected, _ = make_data(tmp_path / "d", bad_in="validation/b")
     cfg = config(tmp_path / "d", max_pixels=BOMB_LIMIT, on_bad_image="skip")
-    data = check_images(read_dataset(cfg), cfg, tmp_path / "run")
+    indexed = read_dataset(cfg)
+    total = len(indexed.train.filepaths) + len(indexed.validation.filepaths)
+    data = check_images(indexed, cfg, tmp_path / "run")
     assert not set(data.validation.filepaths) & set(expected)
     assert data.train.counts(2) == [3, 3] and data.validation.counts(2) == [3, 3]
     for split in (data.train, data.validation):  # labels still match the files they belong to
         assert [f"/{data.class_names[y]}/" in p for p, y in zip(split.filepaths, split.labels)] == [True] * len(split.labels)
     out = capsys.readouterr().out
-    assert f"warning: data.on_bad_image=skip: training without {len(expected)} of 17 images" in out
+    assert f"warning: data.on_bad_image=skip: training without {len(expected)} of {total} images" in out
     assert all(f"  {path}: {reason}" in out for path, reason in expected.items())
     with open(tmp_path / "run" / REPORT_NAME, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
