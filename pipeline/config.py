@@ -66,6 +66,7 @@ class FinetuneConfig(PhaseConfig):
 class TrainConfig:
     seed: int = 42
     deterministic: bool = True
+    threads: int = 0
     head: PhaseConfig = field(default_factory=PhaseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
@@ -185,6 +186,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"train.{name}.lr={phase.lr} must be > 0")
         one_of(f"train.{name}.optimizer", phase.optimizer, OPTIMIZERS)
         one_of(f"train.{name}.schedule", phase.schedule, SCHEDULES)
+    at_least("train.threads", t.threads, 0)
     if t.head.epochs + t.finetune.epochs == 0:
         raise ConfigError("train.head.epochs and train.finetune.epochs are both 0: nothing to train")
     one_of("checkpoint.format", c.format, CHECKPOINT_FORMATS)

@@ -188,3 +188,15 @@ def test_optuna_search_runs_trials_and_names_the_best(tmp_path, tiny_data):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all("model.dropout=" in r["overrides"] for r in rows)
     assert (tmp_path / "optuna.db").exists()
+
+
+def test_parallel_launcher_runs_jobs_side_by_side_in_their_own_folders(tmp_path, tiny_data):
+    args = [a for a in run_args(tmp_path, tiny_data, "train.finetune.epochs=0") if not a.startswith("hydra.run")]
+    result = run_cli("-m", "launcher=parallel", *args, "model.dropout=0.1,0.3",
+                     f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Joblib" in result.stdout + result.stderr
+    jobs = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert len(jobs) == 2 and all((tmp_path / "model" / job / "final.h5").exists() for job in jobs)
+    with open(tmp_path / "multirun" / "summary.csv") as f:
+        assert sorted(r["status"] for r in csv.DictReader(f)) == ["trained", "trained"]
