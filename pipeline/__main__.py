@@ -48,14 +48,20 @@ def main(cfg: DictConfig):
         # What Hydra's sweepers (Optuna) optimise: the best monitored value.
         return outcome["best"] if outcome["best"] is not None else float("nan")
     except Exception as err:
-        if isinstance(err, ConfigError):
-            remove_empty_run_dir()
         if is_preemption(err):
             print(str(err), flush=True)
             sys.exit(128 + signal.SIGTERM)  # the shell's code for "ended by SIGTERM"
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_user_error(err):
             raise
         print(f"error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # One bad job must not end the sweep: it is recorded, the others run,
+            # and the summary at the end exits non-zero (pipeline/sweep.py).
+            write_result(Path(HydraConfig.get().runtime.output_dir), list(HydraConfig.get().overrides.task),
+                         {"status": f"error: {err}"})
+            return float("nan")
+        if isinstance(err, ConfigError):
+            remove_empty_run_dir()
         sys.exit(2)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -60,4 +61,8 @@ class SweepSummary(Callback):
     """Hydra callback (conf/config.yaml: hydra.callbacks) that writes the summary at the end of a sweep."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        write_summary(Path(config.hydra.sweep.dir))
+        rows = write_summary(Path(config.hydra.sweep.dir))
+        failed = [row for row in rows if str(row.get("status", "")).startswith("error")]
+        if failed:
+            print(f"error: {len(failed)} of {len(rows)} jobs failed (see their status above)", file=sys.stderr)
+            sys.exit(2)

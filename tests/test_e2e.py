@@ -200,3 +200,14 @@ def test_parallel_launcher_runs_jobs_side_by_side_in_their_own_folders(tmp_path,
     assert len(jobs) == 2 and all((tmp_path / "model" / job / "final.h5").exists() for job in jobs)
     with open(tmp_path / "multirun" / "summary.csv") as f:
         assert sorted(r["status"] for r in csv.DictReader(f)) == ["trained", "trained"]
+
+
+def test_a_bad_job_is_recorded_and_the_rest_of_the_sweep_still_runs(tmp_path, tiny_data):
+    args = [a for a in run_args(tmp_path, tiny_data, "train.finetune.epochs=0") if not a.startswith("hydra.run")]
+    result = run_cli("-m", *args, "model.dropout=1.5,0.1", f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=REPO)
+    assert result.returncode == 2
+    assert "1 of 2 jobs failed" in result.stderr and "Traceback" not in result.stderr
+    with open(tmp_path / "multirun" / "summary.csv") as f:
+        statuses = sorted(r["status"] for r in csv.DictReader(f))
+    assert statuses[0].startswith("error: model.dropout=1.5") and statuses[1] == "trained"
+    assert len(list((tmp_path / "model").glob("*/final.h5"))) == 1
