@@ -44,7 +44,7 @@ def main(cfg: DictConfig):
         from .train import run
 
         outcome = run(config, resume, Path(HydraConfig.get().runtime.output_dir))
-        write_result(Path(HydraConfig.get().runtime.output_dir), list(HydraConfig.get().overrides.task), outcome)
+        record_result(outcome)
         # What Hydra's sweepers (Optuna) optimise: the best monitored value.
         return outcome["best"] if outcome["best"] is not None else float("nan")
     except Exception as err:
@@ -57,12 +57,17 @@ def main(cfg: DictConfig):
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # One bad job must not end the sweep: it is recorded, the others run,
             # and the summary at the end exits non-zero (pipeline/sweep.py).
-            write_result(Path(HydraConfig.get().runtime.output_dir), list(HydraConfig.get().overrides.task),
-                         {"status": f"error: {err}"})
+            record_result({"status": f"error: {err}"})
             return float("nan")
         if isinstance(err, ConfigError):
             remove_empty_run_dir()
         sys.exit(2)
+
+
+def record_result(outcome: dict) -> None:
+    """result.json in the run's folder, which the sweep summary gathers."""
+    hydra_cfg = HydraConfig.get()
+    write_result(Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), outcome)
 
 
 def record_run_config(cfg: DictConfig) -> None:

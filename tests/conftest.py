@@ -42,3 +42,9 @@ def run_args(tmp: Path, data: Path, *extra) -> list[str]:
     """Overrides that keep a run's data, checkpoints, model and logs inside `tmp`."""
     return [*SMOKE, f"data.dir={data}", f"checkpoint.dir={tmp / 'ckpt'}",
             f"model.save_path={tmp / 'model' / 'final.h5'}", f"hydra.run.dir={tmp / 'outputs'}", *extra]
+
+
+def sweep_args(tmp: Path, data: Path, *extra) -> list[str]:
+    """run_args for `-m`: the sweep folder instead of the single run's folder."""
+    return [a for a in run_args(tmp, data, *extra) if not a.startswith("hydra.run")] + [
+        f"hydra.sweep.dir={tmp / 'multirun'}"]

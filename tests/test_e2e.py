@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_env, run_args, run_cli
+from conftest import REPO, cli_env, run_args, run_cli, sweep_args
 
 pytestmark = pytest.mark.e2e
 
@@ -157,8 +157,8 @@ def test_make_help_lists_every_target():
 
 
 def test_multirun_jobs_never_share_checkpoints_or_models(tmp_path, tiny_data):
-    args = [a for a in run_args(tmp_path, tiny_data, "train.finetune.epochs=0") if not a.startswith("hydra.run")]
-    result = run_cli("-m", *args, "train.head.lr=0.001,0.002", f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=REPO)
+    args = sweep_args(tmp_path, tiny_data, "train.finetune.epochs=0")
+    result = run_cli("-m", *args, "train.head.lr=0.001,0.002", cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert len(jobs) == 2 and all("train.head.lr=0.00" in j for j in jobs)
@@ -170,17 +170,17 @@ def test_multirun_jobs_never_share_checkpoints_or_models(tmp_path, tiny_data):
     assert sorted(r["job"] for r in rows) == jobs
     assert all(r["status"] == "trained" and 0 <= float(r["best"]) <= 1 and r["epochs"] == "1" for r in rows)
     # the same sweep again: every job finds its own finished run
-    again = run_cli("-m", *args, "train.head.lr=0.001,0.002", f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=REPO)
+    again = run_cli("-m", *args, "train.head.lr=0.001,0.002", cwd=REPO)
     assert again.returncode == 0 and again.stdout.count("This run is already complete") == 2
     with open(tmp_path / "multirun" / "summary.csv") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["already complete"] * 2
 
 
 def test_optuna_search_runs_trials_and_names_the_best(tmp_path, tiny_data):
-    args = [a for a in run_args(tmp_path, tiny_data, "train.finetune.epochs=0") if not a.startswith("hydra.run")]
+    args = sweep_args(tmp_path, tiny_data, "train.finetune.epochs=0")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     result = run_cli("-m", "hparams_search=optuna", *args, "hydra.sweeper.n_trials=2",
-                     f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=REPO)
+                     f"hydra.sweeper.storage={storage}", cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     output = result.stdout + result.stderr
     assert "Best parameters" in output and "Best value" in output
@@ -191,9 +191,8 @@ def test_optuna_search_runs_trials_and_names_the_best(tmp_path, tiny_data):
 
 
 def test_parallel_launcher_runs_jobs_side_by_side_in_their_own_folders(tmp_path, tiny_data):
-    args = [a for a in run_args(tmp_path, tiny_data, "train.finetune.epochs=0") if not a.startswith("hydra.run")]
-    result = run_cli("-m", "launcher=parallel", *args, "model.dropout=0.1,0.3",
-                     f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=REPO)
+    args = sweep_args(tmp_path, tiny_data, "train.finetune.epochs=0")
+    result = run_cli("-m", "launcher=parallel", *args, "model.dropout=0.1,0.3", cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Joblib" in result.stdout + result.stderr
     jobs = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
@@ -203,8 +202,8 @@ def test_parallel_launcher_runs_jobs_side_by_side_in_their_own_folders(tmp_path,
 
 
 def test_a_bad_job_is_recorded_and_the_rest_of_the_sweep_still_runs(tmp_path, tiny_data):
-    args = [a for a in run_args(tmp_path, tiny_data, "train.finetune.epochs=0") if not a.startswith("hydra.run")]
-    result = run_cli("-m", *args, "model.dropout=1.5,0.1", f"hydra.sweep.dir={tmp_path / 'multirun'}", cwd=REPO)
+    args = sweep_args(tmp_path, tiny_data, "train.finetune.epochs=0")
+    result = run_cli("-m", *args, "model.dropout=1.5,0.1", cwd=REPO)
     assert result.returncode == 2
     assert "1 of 2 jobs failed" in result.stderr and "Traceback" not in result.stderr
     with open(tmp_path / "multirun" / "summary.csv") as f:
