@@ -50,6 +50,10 @@ class Session:
     def pretrained(self) -> bool:
         return self.cfg.model.weights is not None
 
+    @property
+    def unfreeze_after(self) -> Optional[str]:
+        return resolve_unfreeze_after(self.cfg.train.finetune.unfreeze_after, self.pretrained)
+
     def prepare(self, state: TrainState) -> keras.Model:
         """Set trainable layers and compile for `state.phase`.
 
@@ -57,8 +61,7 @@ class Session:
         optimizer state being restored belongs to that phase's trainable layers.
         """
         phase_cfg = getattr(self.cfg.train, state.phase)
-        unfreeze = resolve_unfreeze_after(self.cfg.train.finetune.unfreeze_after, self.pretrained)
-        set_trainable(self.model, state.phase, unfreeze, self.pretrained)
+        set_trainable(self.model, state.phase, self.unfreeze_after, self.pretrained)
         steps = phase_cfg.epochs * math.ceil(len(self.data.train.filepaths) / self.cfg.data.batch_size)
         compile_model(self.model, phase_cfg.optimizer, phase_cfg.lr, phase_cfg.schedule, steps)
         return self.model
@@ -70,20 +73,21 @@ def configure_tensorflow(cfg: Config) -> None:
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.train.seed)
     if cfg.train.threads:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(cfg.train.threads)
-        except RuntimeError:  # a later job in the same process keeps the first job's setting
-            pass
+        set_threads(tf.config.threading.set_intra_op_parallelism_threads, cfg.train.threads)
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
         # Measured: op determinism alone still let two processes differ by 0.02
         # in the weights; one inter-op thread made them agree bit for bit.
-        # TensorFlow accepts the thread setting only before its runtime starts,
-        # so a later job of the same sweep process keeps the first job's setting.
-        try:
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:
-            pass
+        set_threads(tf.config.threading.set_inter_op_parallelism_threads, 1)
+
+
+def set_threads(setter, count: int) -> None:
+    """TensorFlow accepts thread settings only before its runtime starts, so a
+    later job of the same sweep process keeps the first job's setting."""
+    try:
+        setter(count)
+    except RuntimeError:
+        pass
 
 
 def plan_phases(cfg: Config) -> list[Phase]:
@@ -136,9 +140,8 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
     done = finished_run(cfg, plan.candidates[0] if plan.candidates else None, phases)
     if done:
         print(f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
-              f"{done}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
-        newest = plan.candidates[0]
-        return summary.outcome(cfg, newest.state, newest.manifest.get("logs", {}), time.time() - started,
+              f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
+        return summary.outcome(cfg, done.state, done.manifest.get("logs", {}), time.time() - started,
                                "already complete")
     if cfg.checkpoint.format == "tf_checkpoint":
         session.twin = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
@@ -149,8 +152,7 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
         session.last_logs = restored.manifest.get("logs", {})
     else:
         session.state = TrainState(phase=phases[0].name)
-    summary.print_startup(cfg, data, phases, plan.reason, restored,
-                          resolve_unfreeze_after(cfg.train.finetune.unfreeze_after, session.pretrained))
+    summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
     save_final(model, Path(cfg.model.save_path), final_metadata(session))
     return summary.print_closing(cfg, session.state, session.last_logs, time.time() - started)
@@ -231,9 +233,9 @@ def final_metadata(session: Session) -> dict:
             "last_logs": session.last_logs, "config": asdict(cfg)}
 
 
-def finished_run(cfg: Config, newest: Optional[Checkpoint], phases: list[Phase]) -> Optional[str]:
-    """The newest checkpoint's name if training is done and the final model came from it."""
+def finished_run(cfg: Config, newest: Optional[Checkpoint], phases: list[Phase]) -> Optional[Checkpoint]:
+    """The newest checkpoint if training is done and the final model came from it."""
     if newest is None or advance(newest.state, phases) is not None:
         return None
     meta = read_metadata(Path(cfg.model.save_path))
-    return newest.stem if meta and meta.get("final_checkpoint") == newest.identity else None
+    return newest if meta and meta.get("final_checkpoint") == newest.identity else None
