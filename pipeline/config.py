@@ -55,6 +55,7 @@ class PhaseConfig:
     lr: float = 1e-3
     optimizer: str = "adam"
     schedule: str = "cosine"
+    cached_views: int = 0
 
 
 @dataclass
@@ -67,6 +68,8 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = True
     threads: int = 0
+    precision: str = "float32"
+    cache_dir: str = "cache"
     head: PhaseConfig = field(default_factory=PhaseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
@@ -119,6 +122,7 @@ SEED_SPELLINGS = {"val_acc": "val_accuracy", "acc": "accuracy"}
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 ON_BAD_IMAGE = ("fail", "skip")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
@@ -186,7 +190,10 @@ def validate(config: Config) -> None:
             raise ConfigError(f"train.{name}.lr={phase.lr} must be > 0")
         one_of(f"train.{name}.optimizer", phase.optimizer, OPTIMIZERS)
         one_of(f"train.{name}.schedule", phase.schedule, SCHEDULES)
+        at_least(f"train.{name}.cached_views", phase.cached_views, 0)
     at_least("train.threads", t.threads, 0)
+    one_of("train.precision", t.precision, PRECISIONS)
+    validate_finetune_cache(t.finetune, m.weights)
     if t.head.epochs + t.finetune.epochs == 0:
         raise ConfigError("train.head.epochs and train.finetune.epochs are both 0: nothing to train")
     one_of("checkpoint.format", c.format, CHECKPOINT_FORMATS)
@@ -196,6 +203,17 @@ def validate(config: Config) -> None:
     at_least("checkpoint.every_batches", c.every_batches, 0)
     at_least("checkpoint.keep_last", c.keep_last, 1)
     validate_filename(c.filename)
+
+
+def validate_finetune_cache(finetune: FinetuneConfig, weights: Optional[str]) -> None:
+    """Cached fine-tuning needs a frozen lower part to cache; a whole-base fine-tune has none."""
+    whole_base = finetune.unfreeze_after == "none" or (finetune.unfreeze_after == "auto" and weights is None)
+    if finetune.cached_views and whole_base:
+        raise ConfigError(
+            f"train.finetune.cached_views={finetune.cached_views} needs a frozen lower part to cache, but "
+            f"train.finetune.unfreeze_after={finetune.unfreeze_after!r} trains the whole base"
+            + (" (auto means none with model.weights=null)" if finetune.unfreeze_after == "auto" else "")
+            + "; set train.finetune.unfreeze_after=mixed8 (or another layer), or train.finetune.cached_views=0")
 
 
 def validate_weights(weights: Optional[str]) -> None:

@@ -38,7 +38,8 @@ def build_model(cfg: ModelConfig, n_classes: int, image_size: int) -> keras.Mode
     x = base(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(cfg.dropout, name="dropout")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="predictions")(x)
+    # float32 whatever train.precision: a 16-bit softmax loses small probabilities (Keras's advice).
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name="inception_v3_transfer")
 
 

@@ -13,15 +13,18 @@ import tensorflow as tf
 
 from . import summary
 from .batch_saver import BatchSaver, Preempted, StopFlag
+from .cached_phase import Feed, check_cached_cut, make_feed
 from .checkpoint import (Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints, prune,
                          save_checkpoint)
 from .config import Config, ConfigError, PhaseConfig
-from .data import DataError, DataSet, ensure_sample_data, read_dataset, train_batches, validation_batches
+from .data import DataError, DataSet, ensure_sample_data, read_dataset
 from .final_model import read_metadata, save_final
 from .image_check import check_images
 from .model import (WeightsError, build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after,
                     set_trainable)
+from .precision import set_precision
 from .resume import plan_resume, restore_newest_usable
+from .startup import FirstStepTimer
 
 # Errors whose message tells the user what to fix; the entry point prints them without a traceback.
 USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError)
@@ -45,6 +48,7 @@ class Session:
     state: TrainState = field(default_factory=TrainState)
     last_logs: dict = field(default_factory=dict)
     stop: StopFlag = field(default_factory=StopFlag)
+    feed: Optional[Feed] = None   # what the current phase's fit() runs on (cached_phase.py)
 
     @property
     def pretrained(self) -> bool:
@@ -72,6 +76,7 @@ def configure_tensorflow(cfg: Config) -> None:
     # Sweep jobs run one after another in one process: free the previous job's graphs and names.
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.train.seed)
+    set_precision(cfg.train.precision)
     if cfg.train.threads:
         set_threads(tf.config.threading.set_intra_op_parallelism_threads, cfg.train.threads)
     if cfg.train.deterministic:
@@ -134,6 +139,7 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
     # be had stop the run with every folder as it was.
     model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
     check_unfreeze_after(model, cfg.train.finetune.unfreeze_after)
+    check_cached_cut(model, cfg)
     session = Session(cfg, data, model, make_fingerprint(cfg, data))
     plan = plan_resume(Path(cfg.checkpoint.dir), session.fingerprint, resume)
     phases = plan_phases(cfg)
@@ -160,14 +166,17 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
 
 def train_phases(session: Session, phases: list[Phase], compiled_for: Optional[str]) -> None:
     """Run the remaining epochs of every phase, recompiling when the phase changes."""
-    validation = validation_batches(session.data, session.cfg.data)
     session.stop.install()
     try:
         while (phase := advance(session.state, phases)) is not None:
             if compiled_for != phase.name:
                 session.prepare(session.state)
                 compiled_for = phase.name
-            fit_epoch(session, phase, validation)
+            if session.feed is None or session.feed.phase != phase.name:
+                first_epoch = session.state.epoch - session.state.phase_epoch
+                session.feed = make_feed(session.model, session.data, session.cfg, phase.name, first_epoch,
+                                         session.unfreeze_after)
+            fit_epoch(session, phase, session.feed)
             if session.stop.raised:  # SIGTERM arrived during validation or the checkpoint
                 raise Preempted(f"stopped on SIGTERM after epoch {session.state.epoch}; "
                                 "run the same command to continue")
@@ -175,12 +184,12 @@ def train_phases(session: Session, phases: list[Phase], compiled_for: Optional[s
         session.stop.uninstall()
 
 
-def fit_epoch(session: Session, phase: Phase, validation) -> None:
+def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
     """Train one epoch of `phase` from state.batch on, then checkpoint as configured."""
     cfg, state = session.cfg, session.state
     print(f"{phase.name} epoch {state.phase_epoch + 1}/{phase.cfg.epochs} "
           f"(epoch {state.epoch + 1} overall)", flush=True)
-    batches = train_batches(session.data, cfg.data, cfg.train.seed, state.epoch, state.batch)
+    batches = feed.train(state.epoch, state.batch)
 
     def save_mid_epoch(done: int, logs: dict) -> str:
         state.batch = done
@@ -190,8 +199,8 @@ def fit_epoch(session: Session, phase: Phase, validation) -> None:
                        batches.batches_per_epoch, session.stop)
     # shuffle=False: Batches already shuffles by (seed, epoch). fit() would reorder
     # batches with Python's global `random`, whose state a resumed process does not share.
-    history = session.model.fit(batches, validation_data=validation, epochs=1, shuffle=False,
-                                callbacks=[saver], verbose=1 if sys.stdout.isatty() else 2)
+    history = feed.model.fit(batches, validation_data=feed.validation, epochs=1, shuffle=False,
+                             callbacks=[saver, FirstStepTimer()], verbose=1 if sys.stdout.isatty() else 2)
     session.last_logs = {k: float(v[-1]) for k, v in history.history.items()}
     state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
     if (state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs

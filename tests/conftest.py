@@ -41,7 +41,8 @@ def run_cli(*overrides, cwd: Path, timeout: float = 600, env: dict | None = None
 def run_args(tmp: Path, data: Path, *extra) -> list[str]:
     """Overrides that keep a run's data, checkpoints, model and logs inside `tmp`."""
     return [*SMOKE, f"data.dir={data}", f"checkpoint.dir={tmp / 'ckpt'}",
-            f"model.save_path={tmp / 'model' / 'final.h5'}", f"hydra.run.dir={tmp / 'outputs'}", *extra]
+            f"model.save_path={tmp / 'model' / 'final.h5'}", f"hydra.run.dir={tmp / 'outputs'}",
+            f"train.cache_dir={tmp / 'cache'}", *extra]
 
 
 def sweep_args(tmp: Path, data: Path, *extra) -> list[str]:

@@ -1,0 +1,153 @@
+"""What a phase trains on: the full model on images, or the layers above a frozen cut on cached features.
+
+With `cached_views` K > 0 a phase's frozen layers (the whole base in the head
+phase, the base up to `unfreeze_after` when fine-tuning) run once per view and
+image (feature_cache.py); the phase then trains a smaller model made of the
+*same layer objects* as the full model above the cut, so the full model, its
+checkpoints and the final save see every update. Its optimizer is the full
+model's, built on the full model's variable order, so checkpoints store and
+restore its state exactly as they do without the cache.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .config import Config, ConfigError
+from .data import DataSet, train_batches, validation_batches
+from .feature_cache import (
+    Features,
+    compute_features,
+    digest_weights,
+    load_or_compute,
+    make_key,
+)
+from .model import base_of, resolve_unfreeze_after
+
+HEAD_CUT = "pool"  # the head phase caches the pooled base output: pooling has no weights
+
+
+@dataclass
+class Feed:
+    """The model a phase's fit() calls, its training batches per (epoch, start batch), its validation."""
+    phase: str
+    model: keras.Model
+    train: Callable[[int, int], keras.utils.PyDataset]
+    validation: keras.utils.PyDataset
+
+
+class CachedBatches(keras.utils.PyDataset):
+    """Cached features of one view, in the order data.Batches serves that epoch's images."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, n_classes: int, batch_size: int,
+                 order: np.ndarray, start_batch: int = 0):
+        super().__init__()
+        self.features, self.labels, self.n_classes = features, labels, n_classes
+        self.batch_size, self.order, self.start_batch = batch_size, order, start_batch
+        self.batches_per_epoch = -(-len(order) // batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def __getitem__(self, index: int):
+        batch = index + self.start_batch
+        picks = self.order[batch * self.batch_size:(batch + 1) * self.batch_size]
+        y = np.eye(self.n_classes, dtype=np.float32)[self.labels[picks]]
+        return np.asarray(self.features[picks]), y
+
+
+def make_feed(model: keras.Model, data: DataSet, cfg: Config, phase: str, first_epoch: int,
+              unfreeze_after: str | None) -> Feed:
+    """The phase's feed: cached when its `cached_views` > 0, else the images themselves.
+
+    `first_epoch` is the phase's first overall epoch: cached view v stands for
+    epoch first_epoch + v, the augmentation an uncached run would draw then.
+    """
+    views = getattr(cfg.train, phase).cached_views
+    if views == 0:
+        return Feed(phase, model, lambda epoch, start: train_batches(data, cfg.data, cfg.train.seed, epoch, start),
+                    validation_batches(data, cfg.data))
+    cut = HEAD_CUT if phase == "head" else unfreeze_after
+    lower, upper = split_at(model, cut)
+    view_epochs = list(range(first_epoch, first_epoch + views))
+    key = make_key(data, cfg.data, cfg.train.seed, cut, view_epochs, digest_weights(lower))
+    features = load_or_compute(Path(cfg.train.cache_dir), key, lambda scratch: announce_and_compute(
+        lower, data, cfg, view_epochs, scratch, cut))
+    if features.reused:
+        print(f"feature cache: reusing {features.folder} ({views} views at {cut})", flush=True)
+    share_compilation(upper, model)
+    return Feed(phase, upper, lambda epoch, start: cached_train(features, data, cfg, epoch, first_epoch, start),
+                CachedBatches(features.validation, data.validation.labels, len(data.class_names),
+                              cfg.data.batch_size, np.arange(len(data.validation.filepaths))))
+
+
+def announce_and_compute(lower: keras.Model, data: DataSet, cfg: Config, view_epochs: list[int],
+                         scratch: Path, cut: str) -> None:
+    print(f"feature cache: computing {len(view_epochs)} view(s) of {len(data.train.filepaths)} training and "
+          f"{len(data.validation.filepaths)} validation images at {cut} into {cfg.train.cache_dir}/", flush=True)
+    compute_features(lower, data, cfg.data, cfg.train.seed, view_epochs, scratch)
+
+
+def cached_train(features: Features, data: DataSet, cfg: Config, epoch: int, first_epoch: int,
+                 start_batch: int) -> CachedBatches:
+    """Epoch `epoch` trains on view (epoch - first_epoch) mod K, in the order the uncached run uses."""
+    view = (epoch - first_epoch) % features.train.shape[0]
+    # The same permutation data.Batches would serve in this epoch (one source of truth for the order).
+    order = train_batches(data, cfg.data, cfg.train.seed, epoch).order
+    return CachedBatches(features.train[view], data.train.labels, len(data.class_names), cfg.data.batch_size,
+                         order, start_batch)
+
+
+def check_cached_cut(model: keras.Model, cfg: Config) -> None:
+    """Refuse, before anything trains, an unfreeze point whose output alone cannot be cached."""
+    finetune = cfg.train.finetune
+    if finetune.cached_views and finetune.epochs:
+        split_at(model, resolve_unfreeze_after(finetune.unfreeze_after, cfg.model.weights is not None))
+
+
+def split_at(model: keras.Model, cut: str) -> tuple[keras.Model, keras.Model]:
+    """(lower, upper): pixels -> the cut's output, and the cut's output -> class probabilities.
+
+    Both are views of the full model's own layers; nothing is copied. `cut`
+    is HEAD_CUT or a layer of the base whose output alone feeds everything above it.
+    """
+    pixels = model.input
+    if cut == HEAD_CUT:
+        lower = keras.Model(pixels, model.get_layer(HEAD_CUT).output, name="cached_lower")
+        inputs = keras.Input(lower.output.shape[1:], name="cached_features")
+        x = inputs
+    else:
+        base = base_of(model)
+        try:
+            below = keras.Model(base.input, base.get_layer(cut).output)
+            above = keras.Model(base.get_layer(cut).output, base.output, name="above_" + cut)
+        except ValueError as err:  # Keras: "Graph disconnected", layers above also read earlier tensors
+            raise ConfigError(f"train.finetune.unfreeze_after={cut!r}: the layers above it also read "
+                             f"tensors from below it, so its output alone cannot be cached ({err}); "
+                             "use a block end such as mixed7 or mixed8") from None
+        lower = keras.Model(pixels, below(model.get_layer("inception_scaling")(pixels)), name="cached_lower")
+        inputs = keras.Input(lower.output.shape[1:], name="cached_features")
+        x = model.get_layer(HEAD_CUT)(above(inputs))
+    outputs = model.get_layer("predictions")(model.get_layer("dropout")(x))
+    return lower, keras.Model(inputs, outputs, name="cached_upper")
+
+
+def share_compilation(upper: keras.Model, full: keras.Model) -> None:
+    """Compile `upper` with the full model's optimizer and loss, the optimizer built in the full model's order.
+
+    Built here, before the first step, because the order of its slot
+    variables is what checkpoints store: a resumed run builds it from the
+    full model (checkpoint.restore), so a fresh one must too.
+    """
+    optimizer = full.optimizer
+    if not optimizer.built:
+        optimizer.build(full.trainable_variables)
+    # Every trainable variable must sit above the cut: one below it would never train.
+    if {id(v) for v in upper.trainable_variables} != {id(v) for v in full.trainable_variables}:
+        raise ConfigError("the layers above the cached cut are not exactly the layers that train; "
+                          "set the phase's cached_views=0")
+    upper.compile(optimizer=optimizer, loss=full.loss, metrics=["accuracy"], jit_compile=False)
