@@ -205,7 +205,7 @@ def validate(config: Config) -> None:
     validate_filename(c.filename)
 
 
-def validate_finetune_cache(finetune: FinetuneConfig, weights: Optional[str]) -> None:
+def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None) -> None:
     """Cached fine-tuning needs a frozen lower part to cache; a whole-base fine-tune has none."""
     whole_base = finetune.unfreeze_after == "none" or (finetune.unfreeze_after == "auto" and weights is None)
     if finetune.cached_views and whole_base:

@@ -107,3 +107,24 @@ def test_image_check_defaults_fail_on_bad_images_at_pillows_bomb_limit():
 def test_image_check_keys_and_data_dir_are_validated(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         to_config(compose_config(override))
+
+
+# --- the speed keys (train.precision, train.cache_dir, train.*.cached_views) ---
+
+def test_speed_keys_default_to_off():
+    config, _ = to_config(compose_config())
+    assert config.train.precision == "float32" and config.train.cache_dir == "cache"
+    assert config.train.head.cached_views == 0 and config.train.finetune.cached_views == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.head.cached_views=-1"], "train.head.cached_views=-1 must be >= 0"),
+    (["train.precision=bfloat16"], ("train.precision='bfloat16' is not allowed; choose one of: float32, "
+                                    "mixed_bfloat16, mixed_float16")),
+    # a whole-base fine-tune has no frozen part to cache; auto means none from random weights
+    (["model.weights=null", "train.finetune.cached_views=2"], "train.finetune.unfreeze_after='auto' trains"),
+    (["train.finetune.unfreeze_after=none", "train.finetune.cached_views=2"], "set train.finetune.unfreeze_after"),
+])
+def test_speed_keys_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        to_config(compose_config(*overrides))

@@ -1,0 +1,112 @@
+"""Cached phases in real subprocesses: the same weights as uncached training, kill -9 and resume, bf16.
+
+A scratch base in inference mode (its BatchNorm statistics still the initial
+0 and 1) yields features of about 1e-4, on which any two head trainings look
+alike. These tests use a base whose BatchNorm statistics were measured on the
+tiny images, so features are of order 1 and a difference would show.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import REPO, cli_env, run_args, run_cli
+from keras import layers
+
+from pipeline.data import load_image
+
+pytestmark = pytest.mark.e2e
+# Head 2 epochs, then the top blocks (auto = mixed8 with a weights file) for 1 epoch.
+PHASES = ["train.head.epochs=2", "train.finetune.epochs=1"]
+CACHED = ["train.head.cached_views=2", "train.finetune.cached_views=1"]
+
+
+@pytest.fixture(scope="module")
+def calibrated_weights(tmp_path_factory, tiny_data):
+    """A random InceptionV3 base whose BatchNorm moving statistics are those of the tiny images."""
+    keras.utils.set_random_seed(0)
+    base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(75, 75, 3))
+    images = np.stack([load_image(str(p), 75) for p in sorted(tiny_data.rglob("*.jpg"))]) / 127.5 - 1
+    for layer in base.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = 0.0  # the moving statistics become this batch's
+    base(images, training=True)
+    path = tmp_path_factory.mktemp("weights") / "calibrated.weights.h5"
+    base.save_weights(str(path))
+    return path
+
+
+def args_for(tmp, data, weights, *extra):
+    return run_args(tmp, data, f"model.weights={weights}", *PHASES, *extra)
+
+
+def final_weights(tmp):
+    return [w.numpy() for w in keras.models.load_model(tmp / "model" / "final.h5", compile=False).weights]
+
+
+def largest_difference(a, b) -> float:
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def cached_reference(tmp_path_factory, tiny_data, calibrated_weights):
+    tmp = tmp_path_factory.mktemp("cached")
+    result = run_cli(*args_for(tmp, tiny_data, calibrated_weights, *CACHED), cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "feature cache: computing 2 view(s)" in result.stdout and "at mixed8" in result.stdout
+    return tmp, final_weights(tmp)
+
+
+def test_cached_phases_end_with_the_weights_of_uncached_training(cached_reference, tmp_path, tiny_data,
+                                                                  calibrated_weights):
+    # K views of a K-epoch phase are exactly the augmentations the uncached run draws
+    result = run_cli(*args_for(tmp_path, tiny_data, calibrated_weights), cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "feature cache" not in result.stdout
+    uncached = final_weights(tmp_path)
+    assert largest_difference(cached_reference[1], uncached) <= 1e-5
+    # ...and the comparison means something: the head moved far more than the tolerance after epoch 1
+    after_epoch_1 = keras.models.load_model(min((tmp_path / "ckpt").glob("*.keras")), compile=False)
+    final = keras.models.load_model(tmp_path / "model" / "final.h5", compile=False)
+    assert largest_difference([after_epoch_1.get_layer("predictions").kernel.numpy()],
+                              [final.get_layer("predictions").kernel.numpy()]) > 1e-4
+
+
+def test_kill_9_while_caching_and_in_the_cached_phase_then_resume_exactly(cached_reference, tmp_path, tiny_data,
+                                                                          calibrated_weights):
+    args = args_for(tmp_path, tiny_data, calibrated_weights, *CACHED)
+    killed = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_KILL_AT="cache_before_rename"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")], "a half entry is visible"
+
+    killed = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_KILL_AT="after_manifest#1"))  # after head epoch 1
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert "feature cache: computing" in killed.stdout, "the interrupted entry must not be trusted"
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")] == []
+
+    resumed = run_cli(*args, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resume: from checkpoint transfer_01-" in resumed.stdout
+    assert "feature cache: reusing" in resumed.stdout
+    assert largest_difference(cached_reference[1], final_weights(tmp_path)) <= 1e-5
+
+
+def test_mixed_bfloat16_checkpoints_resume_and_its_final_model_loads(tmp_path, tiny_data, calibrated_weights):
+    args = args_for(tmp_path, tiny_data, calibrated_weights, "train.precision=mixed_bfloat16", *CACHED)
+    killed = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_KILL_AT="after_manifest#2"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    resumed = run_cli(*args, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resume: from checkpoint transfer_02-" in resumed.stdout
+    script = ("import sys, numpy as np, keras\n"
+              "m = keras.models.load_model(sys.argv[1])\n"
+              "p = m.predict(np.full((1, 75, 75, 3), 128.0, 'float32'), verbose=0)\n"
+              "print(m.get_layer('predictions').dtype_policy.name, p.dtype, round(float(p.sum()), 3))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model" / "final.h5")], check=False,
+                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-3:] == ["float32", "float32", "1.0"]
