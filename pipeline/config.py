@@ -85,11 +85,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributeConfig:
+    strategy: str = "none"
+    local_workers: int = 0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
 
 
 def run_name(override_dirname: str) -> str:
@@ -119,6 +126,7 @@ SEED_SPELLINGS = {"val_acc": "val_accuracy", "acc": "accuracy"}
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 ON_BAD_IMAGE = ("fail", "skip")
+STRATEGIES = ("none", "mirrored", "multi_worker")
 
 
 def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
@@ -129,7 +137,7 @@ def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
     plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
              if k in Config.__dataclass_fields__}
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))
-    notes = translate_seed_spellings(config.checkpoint)
+    notes = translate_seed_spellings(config.checkpoint) + imply_multi_worker(config.distribute)
     validate(config)
     return config, notes
 
@@ -147,6 +155,14 @@ def translate_seed_spellings(ckpt: CheckpointConfig) -> list[str]:
             ckpt.filename = ckpt.filename.replace("{" + old, "{" + new)
             notes.append(f"checkpoint.filename: '{{{old}}}' is Keras 2's name; using '{{{new}}}'")
     return notes
+
+
+def imply_multi_worker(dist: DistributeConfig) -> list[str]:
+    """`distribute.local_workers=N` alone means a multi-worker run on this machine."""
+    if dist.local_workers > 0 and dist.strategy == "none":
+        dist.strategy = "multi_worker"
+        return [f"distribute.local_workers={dist.local_workers}: training with distribute=multi_worker"]
+    return []
 
 
 def filename_fields(pattern: str) -> list[str]:
@@ -196,6 +212,15 @@ def validate(config: Config) -> None:
     at_least("checkpoint.every_batches", c.every_batches, 0)
     at_least("checkpoint.keep_last", c.keep_last, 1)
     validate_filename(c.filename)
+    validate_distribute(config.distribute)
+
+
+def validate_distribute(dist: DistributeConfig) -> None:
+    one_of("distribute.strategy", dist.strategy, STRATEGIES)
+    at_least("distribute.local_workers", dist.local_workers, 0)
+    if dist.local_workers > 0 and dist.strategy != "multi_worker":
+        raise ConfigError(f"distribute.local_workers={dist.local_workers} starts multi-worker processes; "
+                          f"it cannot be combined with distribute={dist.strategy}")
 
 
 def validate_weights(weights: Optional[str]) -> None:

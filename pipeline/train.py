@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +16,9 @@ from .batch_saver import BatchSaver, Preempted, StopFlag
 from .checkpoint import (Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints, prune,
                          save_checkpoint)
 from .config import Config, ConfigError, PhaseConfig
+from .cluster import WorkerRole, read_worker_role
 from .data import DataError, DataSet, ensure_sample_data, read_dataset, train_batches, validation_batches
+from .distribute import distribute_batches, make_strategy, prepare_model_for_strategy, scratch_folder, strategy_scope
 from .final_model import read_metadata, save_final
 from .image_check import check_images
 from .model import (WeightsError, build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after,
@@ -42,6 +44,10 @@ class Session:
     model: keras.Model
     fingerprint: dict
     twin: Optional[keras.Model] = None   # optimizer-free copy for tf_checkpoint writes
+    # Where checkpoints and the final model are written: `cfg` itself, except on a
+    # non-chief worker of a multi-worker run, whose copies go to a scratch folder.
+    out: Optional[Config] = None
+    strategy: Optional[tf.distribute.Strategy] = None
     state: TrainState = field(default_factory=TrainState)
     last_logs: dict = field(default_factory=dict)
     stop: StopFlag = field(default_factory=StopFlag)
@@ -124,9 +130,23 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
     """Train (or continue training) and save the final model; return the closing summary.
 
     `report_dir` is the run's output folder (Hydra's), for reports such as the bad-image list.
+    Under distribute=multi_worker every worker runs this; only the chief's writes are kept.
     """
-    started = time.time()
     configure_tensorflow(cfg)
+    strategy = make_strategy(cfg.distribute)
+    role = read_worker_role() if cfg.distribute.strategy == "multi_worker" else WorkerRole()
+    with scratch_folder(role) as scratch, strategy_scope(strategy):
+        if scratch is None:
+            return train_and_save(cfg, cfg, resume, report_dir, strategy)
+        out = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=f"{scratch}/ckpt"),
+                      model=replace(cfg.model, save_path=f"{scratch}/model.h5"))
+        return train_and_save(cfg, out, resume, Path(scratch), strategy, read_only=True)
+
+
+def train_and_save(cfg: Config, out: Config, resume: Optional[bool], report_dir: Path,
+                   strategy: Optional[tf.distribute.Strategy], read_only: bool = False) -> dict:
+    """The stages in order, reading checkpoints from cfg's paths and writing to out's."""
+    started = time.time()
     ensure_sample_data(cfg.data)
     # Every image decoded now, in seconds, rather than failing hours into the run.
     data = check_images(read_dataset(cfg.data), cfg.data, report_dir)
@@ -134,8 +154,10 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
     # be had stop the run with every folder as it was.
     model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
     check_unfreeze_after(model, cfg.train.finetune.unfreeze_after)
-    session = Session(cfg, data, model, make_fingerprint(cfg, data))
-    plan = plan_resume(Path(cfg.checkpoint.dir), session.fingerprint, resume)
+    session = Session(cfg, data, model, make_fingerprint(cfg, data), out=out, strategy=strategy)
+    if strategy:
+        prepare_model_for_strategy(model, strategy, validation_batches(data, cfg.data))
+    plan = plan_resume(Path(cfg.checkpoint.dir), session.fingerprint, resume, read_only)
     phases = plan_phases(cfg)
     done = finished_run(cfg, plan.candidates[0] if plan.candidates else None, phases)
     if done:
@@ -154,14 +176,19 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
         session.state = TrainState(phase=phases[0].name)
     summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
-    save_final(model, Path(cfg.model.save_path), final_metadata(session))
-    return summary.print_closing(cfg, session.state, session.last_logs, time.time() - started)
+    save_final(model, Path(out.model.save_path), final_metadata(session))
+    return summary.print_closing(out, session.state, session.last_logs, time.time() - started)
 
 
 def train_phases(session: Session, phases: list[Phase], compiled_for: Optional[str]) -> None:
     """Run the remaining epochs of every phase, recompiling when the phase changes."""
     validation = validation_batches(session.data, session.cfg.data)
-    session.stop.install()
+    if session.strategy:
+        validation = distribute_batches(validation, session.strategy)
+    if session.cfg.distribute.strategy != "multi_worker":
+        # Workers would see SIGTERM at different batches and wait on each other
+        # forever; a multi-worker run resumes from its last checkpoint instead.
+        session.stop.install()
     try:
         while (phase := advance(session.state, phases)) is not None:
             if compiled_for != phase.name:
@@ -188,9 +215,10 @@ def fit_epoch(session: Session, phase: Phase, validation) -> None:
 
     saver = BatchSaver(save_mid_epoch, cfg.checkpoint.every_batches, state.batch,
                        batches.batches_per_epoch, session.stop)
+    feed = distribute_batches(batches, session.strategy) if session.strategy else batches
     # shuffle=False: Batches already shuffles by (seed, epoch). fit() would reorder
     # batches with Python's global `random`, whose state a resumed process does not share.
-    history = session.model.fit(batches, validation_data=validation, epochs=1, shuffle=False,
+    history = session.model.fit(feed, validation_data=validation, epochs=1, shuffle=False,
                                 callbacks=[saver], verbose=1 if sys.stdout.isatty() else 2)
     session.last_logs = {k: float(v[-1]) for k, v in history.history.items()}
     state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
@@ -201,7 +229,7 @@ def fit_epoch(session: Session, phase: Phase, validation) -> None:
 
 def write_checkpoint(session: Session, logs: dict) -> str:
     """Commit a checkpoint (recording whether it is the best so far), then prune old ones."""
-    cfg, state = session.cfg, session.state
+    cfg, state = session.out, session.state
     stem = checkpoint_stem(cfg.checkpoint, state, logs)
     value = logs.get(cfg.checkpoint.monitor)
     if monitor_improved(cfg, value, state.best):
@@ -225,7 +253,7 @@ def monitor_improved(cfg: Config, value: Optional[float], best: Optional[float])
 
 
 def final_metadata(session: Session) -> dict:
-    cfg, state = session.cfg, session.state
+    cfg, state = session.out, session.state
     found = list_checkpoints(Path(cfg.checkpoint.dir))
     return {"class_names": session.data.class_names, "image_size": cfg.data.image_size,
             "final_checkpoint": found[-1].identity if found else None, "lineage": state.lineage,
