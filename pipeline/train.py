@@ -11,7 +11,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from . import summary
+from . import history, report, summary
 from .batch_saver import BatchSaver, Preempted, StopFlag
 from .checkpoint import (Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints, prune,
                          save_checkpoint)
@@ -45,6 +45,7 @@ class Session:
     state: TrainState = field(default_factory=TrainState)
     last_logs: dict = field(default_factory=dict)
     stop: StopFlag = field(default_factory=StopFlag)
+    callbacks: list = field(default_factory=list)  # per-epoch records (history.py), passed to every fit
 
     @property
     def pretrained(self) -> bool:
@@ -141,6 +142,7 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
     if done:
         print(f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
               f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
+        report.write_missing_report(report_dir, cfg, data, done.state, done.manifest.get("logs", {}))
         return summary.outcome(cfg, done.state, done.manifest.get("logs", {}), time.time() - started,
                                "already complete")
     if cfg.checkpoint.format == "tf_checkpoint":
@@ -152,9 +154,12 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
         session.last_logs = restored.manifest.get("logs", {})
     else:
         session.state = TrainState(phase=phases[0].name)
+    # history.csv and TensorBoard drop what was trained after the restored checkpoint.
+    session.callbacks = history.start_history(report_dir, lambda: session.state, restored.stem if restored else None)
     summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
     save_final(model, Path(cfg.model.save_path), final_metadata(session))
+    report.write_run_report(report_dir, cfg, data, model, session.state, session.last_logs)
     return summary.print_closing(cfg, session.state, session.last_logs, time.time() - started)
 
 
@@ -191,7 +196,7 @@ def fit_epoch(session: Session, phase: Phase, validation) -> None:
     # shuffle=False: Batches already shuffles by (seed, epoch). fit() would reorder
     # batches with Python's global `random`, whose state a resumed process does not share.
     history = session.model.fit(batches, validation_data=validation, epochs=1, shuffle=False,
-                                callbacks=[saver], verbose=1 if sys.stdout.isatty() else 2)
+                                callbacks=[saver, *session.callbacks], verbose=1 if sys.stdout.isatty() else 2)
     session.last_logs = {k: float(v[-1]) for k, v in history.history.items()}
     state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
     if (state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs
