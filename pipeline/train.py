@@ -11,16 +11,18 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from . import history, report, summary
+from . import summary
 from .batch_saver import BatchSaver, Preempted, StopFlag
 from .checkpoint import (Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints, prune,
                          save_checkpoint)
 from .config import Config, ConfigError, PhaseConfig
 from .data import DataError, DataSet, ensure_sample_data, read_dataset, train_batches, validation_batches
 from .final_model import read_metadata, save_final
+from .history import start_history
 from .image_check import check_images
 from .model import (WeightsError, build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after,
                     set_trainable)
+from .report import write_missing_report, write_run_report
 from .resume import plan_resume, restore_newest_usable
 
 # Errors whose message tells the user what to fix; the entry point prints them without a traceback.
@@ -142,7 +144,7 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
     if done:
         print(f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
               f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
-        report.write_missing_report(report_dir, cfg, data, done.state, done.manifest.get("logs", {}))
+        write_missing_report(report_dir, cfg, data, done.state, done.manifest.get("logs", {}))
         return summary.outcome(cfg, done.state, done.manifest.get("logs", {}), time.time() - started,
                                "already complete")
     if cfg.checkpoint.format == "tf_checkpoint":
@@ -155,11 +157,11 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
     else:
         session.state = TrainState(phase=phases[0].name)
     # history.csv and TensorBoard drop what was trained after the restored checkpoint.
-    session.callbacks = history.start_history(report_dir, lambda: session.state, restored.stem if restored else None)
+    session.callbacks = start_history(report_dir, lambda: session.state, restored.stem if restored else None)
     summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
     save_final(model, Path(cfg.model.save_path), final_metadata(session))
-    report.write_run_report(report_dir, cfg, data, model, session.state, session.last_logs)
+    write_run_report(report_dir, cfg, data, model, session.state, session.last_logs)
     return summary.print_closing(cfg, session.state, session.last_logs, time.time() - started)
 
 

@@ -14,7 +14,6 @@ import signal
 
 import numpy as np
 import pytest
-
 from conftest import REPO, cli_env, run_args, run_cli
 from test_report import assert_real_png, event_steps
 
@@ -31,10 +30,15 @@ def run(tmp_path_factory, tiny_data):
     args = run_args(tmp, tiny_data, *KILLED)
     first = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_KILL_AT="after_write#4"))
     assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
-    orphan = [r["epoch"] for r in csv.DictReader(open(tmp / "outputs" / "history.csv"))]
+    orphan = [r["epoch"] for r in history_rows(tmp)]
     second = run_cli(*args, cwd=REPO)
     assert second.returncode == 0, second.stdout + second.stderr
     return tmp, orphan, second
+
+
+def history_rows(tmp) -> list[dict]:
+    with open(tmp / "outputs" / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def images_in(folder):
@@ -43,7 +47,7 @@ def images_in(folder):
 
 
 def report_matrix(report: str) -> np.ndarray:
-    rows = re.findall(r"^\| (circle|square|triangle) \| (\d+) \| (\d+) \| (\d+) \|$", report, re.M)
+    rows = re.findall(r"^\| (circle|square|triangle) \| (\d+) \| (\d+) \| (\d+) \|$", report, re.MULTILINE)
     return np.array([[int(v) for v in row[1:]] for row in rows[-3:]])
 
 
@@ -57,7 +61,7 @@ def test_history_after_kill_9_and_resume_has_each_epoch_once(run):
     tmp, orphan, second = run
     assert orphan == ["1", "2"]  # the killed run had logged epoch 2 without committing it
     assert "resume: from checkpoint transfer_02-" in second.stdout and "2 batches into the next" in second.stdout
-    rows = list(csv.DictReader(open(tmp / "outputs" / "history.csv")))
+    rows = history_rows(tmp)
     assert [(r["epoch"], r["phase"]) for r in rows] == [("1", "head"), ("2", "finetune")]
     assert rows[0]["resumed_from"] == "" and rows[1]["resumed_from"].endswith("-b00002")
     assert float(rows[1]["resumed_at"]) == pytest.approx(1 + 2 / 3, abs=1e-3)
@@ -81,7 +85,7 @@ def test_report_counts_the_data_and_its_matrix_agrees_with_the_last_validation(r
     assert "resumed: from `transfer_02-" in report
     matrix = report_matrix(report)
     assert matrix.sum(axis=1).tolist() == [len(images_in(tiny_data / "validation" / n)) for n in CLASSES]
-    last = list(csv.DictReader(open(out / "history.csv")))[-1]
+    last = history_rows(tmp)[-1]
     # the same final weights on the same validation images as the last epoch's validation
     assert np.trace(matrix) / matrix.sum() == pytest.approx(float(last["val_accuracy"]), abs=1e-6)
     assert_real_png(out / "curves.png", (600, 300))
@@ -133,10 +137,10 @@ def test_evaluate_scores_a_folder_tree_and_writes_the_matrix(run, tiny_data, tmp
                      cwd=REPO, module="pipeline.evaluate")
     assert result.returncode == 0, result.stdout + result.stderr
     total = len(images_in(tiny_data / "validation"))
-    hits, count = map(int, re.search(r"^accuracy \S+ \((\d+)/(\d+)\)$", result.stdout, re.M).groups())
+    hits, count = map(int, re.search(r"^accuracy \S+ \((\d+)/(\d+)\)$", result.stdout, re.MULTILINE).groups())
     assert count == total
     for name in CLASSES:
-        row = re.search(rf"^{name}\s+(\S+)\s+(\S+)\s+(\S+)\s+(\d+)$", result.stdout, re.M)
+        row = re.search(rf"^{name}\s+(\S+)\s+(\S+)\s+(\S+)\s+(\d+)$", result.stdout, re.MULTILINE)
         assert int(row.group(4)) == len(images_in(tiny_data / "validation" / name))
         assert all(0 <= float(v) <= 1 for v in row.groups()[:3])
     matrix = report_matrix((tmp / "outputs" / "report.md").read_text())
