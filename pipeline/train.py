@@ -20,9 +20,11 @@ from .cluster import WorkerRole, read_worker_role
 from .data import DataError, DataSet, ensure_sample_data, read_dataset, train_batches, validation_batches
 from .distribute import distribute_batches, make_strategy, prepare_model_for_strategy, scratch_folder, strategy_scope
 from .final_model import read_metadata, save_final
+from .history import start_history
 from .image_check import check_images
 from .model import (WeightsError, build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after,
                     set_trainable)
+from .report import write_missing_report, write_run_report
 from .resume import plan_resume, restore_newest_usable
 
 # Errors whose message tells the user what to fix; the entry point prints them without a traceback.
@@ -51,6 +53,7 @@ class Session:
     state: TrainState = field(default_factory=TrainState)
     last_logs: dict = field(default_factory=dict)
     stop: StopFlag = field(default_factory=StopFlag)
+    callbacks: list = field(default_factory=list)  # per-epoch records (history.py), passed to every fit
 
     @property
     def pretrained(self) -> bool:
@@ -163,6 +166,7 @@ def train_and_save(cfg: Config, out: Config, resume: Optional[bool], report_dir:
     if done:
         print(f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
               f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
+        write_missing_report(report_dir, cfg, data, done.state, done.manifest.get("logs", {}))
         return summary.outcome(cfg, done.state, done.manifest.get("logs", {}), time.time() - started,
                                "already complete")
     if cfg.checkpoint.format == "tf_checkpoint":
@@ -174,9 +178,12 @@ def train_and_save(cfg: Config, out: Config, resume: Optional[bool], report_dir:
         session.last_logs = restored.manifest.get("logs", {})
     else:
         session.state = TrainState(phase=phases[0].name)
+    # history.csv and TensorBoard drop what was trained after the restored checkpoint.
+    session.callbacks = start_history(report_dir, lambda: session.state, restored.stem if restored else None)
     summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
     save_final(model, Path(out.model.save_path), final_metadata(session))
+    write_run_report(report_dir, out, data, model, session.state, session.last_logs)
     return summary.print_closing(out, session.state, session.last_logs, time.time() - started)
 
 
@@ -219,7 +226,7 @@ def fit_epoch(session: Session, phase: Phase, validation) -> None:
     # shuffle=False: Batches already shuffles by (seed, epoch). fit() would reorder
     # batches with Python's global `random`, whose state a resumed process does not share.
     history = session.model.fit(feed, validation_data=validation, epochs=1, shuffle=False,
-                                callbacks=[saver], verbose=1 if sys.stdout.isatty() else 2)
+                                callbacks=[saver, *session.callbacks], verbose=1 if sys.stdout.isatty() else 2)
     session.last_logs = {k: float(v[-1]) for k, v in history.history.items()}
     state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
     if (state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs
