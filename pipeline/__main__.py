@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from .cluster import check_tf_config  # noqa: E402
 from .config import ConfigError, register_config, run_name, to_config  # noqa: E402
+from .job_process import JobPreempted, JobUserError, run_in_child  # noqa: E402
 from .local_workers import WorkerFailed, run_local_workers  # noqa: E402
 from .memory import peak_memory_mb, reset_peak_memory  # noqa: E402
 from .quiet import import_tensorflow_quietly  # noqa: E402
@@ -44,15 +45,18 @@ def main(cfg: DictConfig):
         for note in notes:
             print(f"note: {note}")
         check_tf_config(config.distribute)
-        import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        reset_peak_memory()  # a sweep's jobs share this process: each reports its own peak
-        if config.distribute.local_workers and not os.environ.get("TF_CONFIG"):
-            outcome = launch_local_workers(config, run_dir)
+        reset_peak_memory()
+        if HydraConfig.get().mode == RunMode.MULTIRUN and not config.distribute.local_workers:
+            outcome = run_in_child(config, resume, run_dir)  # job_process.py: why a child per job
         else:
-            from .train import run
+            import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
+            if config.distribute.local_workers and not os.environ.get("TF_CONFIG"):
+                outcome = launch_local_workers(config, run_dir)
+            else:
+                from .train import run
 
-            outcome = run(config, resume, run_dir)
+                outcome = run(config, resume, run_dir)
         record_result({"peak_mb": peak_memory_mb(), **outcome})  # a launcher reports its chief's
         # What Hydra's sweepers (Optuna) optimise: the best monitored value.
         return outcome["best"] if outcome["best"] is not None else float("nan")
@@ -131,6 +135,8 @@ def give_sweep_job_its_own_paths(config) -> None:
 
 
 def is_preemption(err: Exception) -> bool:
+    if isinstance(err, JobPreempted):
+        return True
     if "tensorflow" not in sys.modules:  # the only source of Preempted never started
         return False
     from .batch_saver import Preempted
@@ -139,7 +145,7 @@ def is_preemption(err: Exception) -> bool:
 
 
 def is_user_error(err: Exception) -> bool:
-    if isinstance(err, ConfigError):
+    if isinstance(err, (ConfigError, JobUserError)):
         return True
     if "tensorflow" not in sys.modules:
         return False
