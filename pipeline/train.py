@@ -13,8 +13,8 @@ import tensorflow as tf
 
 from . import summary
 from .batch_saver import BatchSaver, Preempted, StopFlag
-from .checkpoint import (Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints, prune,
-                         save_checkpoint)
+from .checkpoint import Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints
+from .checkpoint_writer import CheckpointWriter, prune_and_announce
 from .config import Config, ConfigError, PhaseConfig
 from .data import DataError, DataSet, ensure_sample_data, read_dataset, train_batches, validation_batches
 from .final_model import read_metadata, save_final
@@ -41,7 +41,7 @@ class Session:
     data: DataSet
     model: keras.Model
     fingerprint: dict
-    twin: Optional[keras.Model] = None   # optimizer-free copy for tf_checkpoint writes
+    writer: Optional[CheckpointWriter] = None
     state: TrainState = field(default_factory=TrainState)
     last_logs: dict = field(default_factory=dict)
     stop: StopFlag = field(default_factory=StopFlag)
@@ -143,8 +143,7 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
               f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
         return summary.outcome(cfg, done.state, done.manifest.get("logs", {}), time.time() - started,
                                "already complete")
-    if cfg.checkpoint.format == "tf_checkpoint":
-        session.twin = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
+    session.writer = CheckpointWriter(cfg.checkpoint, session.fingerprint, model, prune_and_announce(cfg.checkpoint))
     restored = restore_newest_usable(plan, session.prepare)
     if restored:
         session.state = restored.state
@@ -173,6 +172,8 @@ def train_phases(session: Session, phases: list[Phase], compiled_for: Optional[s
                                 "run the same command to continue")
     finally:
         session.stop.uninstall()
+        # The last checkpoint commits (or its error surfaces) before the final save and exit.
+        session.writer.wait()
 
 
 def fit_epoch(session: Session, phase: Phase, validation) -> None:
@@ -200,16 +201,18 @@ def fit_epoch(session: Session, phase: Phase, validation) -> None:
 
 
 def write_checkpoint(session: Session, logs: dict) -> str:
-    """Commit a checkpoint (recording whether it is the best so far), then prune old ones."""
+    """Checkpoint the model as it is now (recording whether it is the best so far).
+
+    The files are written in the background (checkpoint_writer.py), which prunes
+    old ones and prints the `checkpoint:` line once this one has committed.
+    """
     cfg, state = session.cfg, session.state
+    session.writer.wait()  # the previous one committed: its name is taken, its error raised here
     stem = checkpoint_stem(cfg.checkpoint, state, logs)
     value = logs.get(cfg.checkpoint.monitor)
     if monitor_improved(cfg, value, state.best):
         state.best, state.best_stem = value, stem
-    save_checkpoint(session.model, cfg.checkpoint, stem, state, logs, session.fingerprint, session.twin)
-    keep = 1 if cfg.checkpoint.save_best_only else cfg.checkpoint.keep_last
-    prune(Path(cfg.checkpoint.dir), keep, state.best_stem)
-    print(f"checkpoint: {Path(cfg.checkpoint.dir) / stem} ({cfg.checkpoint.format})", flush=True)
+    session.writer.submit(session.model, stem, state, logs)
     return stem
 
 
