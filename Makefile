@@ -38,7 +38,7 @@ train: $(STAMP) ## train (writes sample data into data/ if it has no images); AR
 test: $(STAMP) ## run the whole test suite (unit + end-to-end); TESTS=path narrows it
 	$(PY) -m pytest $(TESTS)
 
-bench: $(STAMP) ## measure speed ratios (not part of the tests)
+bench: $(STAMP) ## pipeline vs the classic recipe, and where the time goes (not a test); ARGS=--quick
 	$(PY) -m pipeline.bench $(ARGS)
 
 clean-runs: ## delete outputs/ and multirun/ (Hydra's logs); never touches ckpt/, model/ or data/

@@ -17,7 +17,6 @@ checkpoint's name is chosen knowing the previous one exists.
 from __future__ import annotations
 
 import copy
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +25,6 @@ import keras
 
 from .checkpoint import Checkpoint, TrainState, prune, save_checkpoint, seed_generators
 from .config import CheckpointConfig
-
-# The writer yields the cores to training: its hashing and HDF5 encoding then
-# mostly fill the moments the model leaves idle (Linux niceness, per thread).
-WRITER_NICENESS = 10
 
 
 class CheckpointWriter:
@@ -53,11 +48,15 @@ class CheckpointWriter:
         # `tf.train.Checkpoint(model=m).restore(...)` works whatever optimizer m carries.
         self.bare = keras.models.clone_model(model) if cfg.format == "tf_checkpoint" else None
 
-    def submit(self, model: keras.Model, stem: str, state: TrainState, logs: dict) -> None:
-        """Write `model` as it is now under `stem`; return once it is safe to train on."""
+    def submit(self, model: keras.Model, stem: str, state: TrainState, logs: dict, background: bool = True) -> None:
+        """Write `model` as it is now under `stem`; return once it is safe to train on.
+
+        `background=False` writes before returning: when the run stops right after
+        (SIGTERM), there is no training to overlap and the exit should not wait on a thread.
+        """
         self.wait()
         state, logs = copy.deepcopy(state), dict(logs)
-        if not self.cfg.asynchronous:
+        if not (self.cfg.asynchronous and background):
             self.write(model, stem, state, logs)
             self.raise_error()
             return
@@ -80,8 +79,8 @@ class CheckpointWriter:
             raise error
 
     def write(self, model: keras.Model, stem: str, state: TrainState, logs: dict) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            lower_priority()
+        # At the usual priority on purpose: a lowered one left SIGTERM's final wait
+        # (and the end of a run) queueing behind every other process on a busy machine.
         try:
             ckpt = save_checkpoint(model, self.cfg, stem, state, logs, self.fingerprint, self.bare)
             self.on_commit(ckpt)
@@ -121,13 +120,6 @@ def copy_training_state(model: keras.Model, twin: keras.Model) -> None:
             raise RuntimeError(f"checkpoint snapshot: {len(ours)} variables to fill from {len(theirs)}")
         for dst, src in zip(ours, theirs):
             dst.assign(src)
-
-
-def lower_priority() -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-    except (AttributeError, OSError):  # not Linux: the write still runs, at the usual priority
-        pass
 
 
 def prune_and_announce(cfg: CheckpointConfig) -> Callable[[Checkpoint], None]:

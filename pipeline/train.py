@@ -212,7 +212,7 @@ def write_checkpoint(session: Session, logs: dict) -> str:
     value = logs.get(cfg.checkpoint.monitor)
     if monitor_improved(cfg, value, state.best):
         state.best, state.best_stem = value, stem
-    session.writer.submit(session.model, stem, state, logs)
+    session.writer.submit(session.model, stem, state, logs, background=not session.stop.raised)
     return stem
 
 
