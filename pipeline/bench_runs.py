@@ -119,3 +119,20 @@ def steady_epoch_seconds(run: Run, phase: str) -> float | None:
     starts = [e["start"] for e in run.phase_epochs(phase)]
     gaps = [b - a for a, b in pairwise(starts[1:])]
     return median(gaps) if gaps else None
+
+
+def epoch_breakdown(run: Run, phase: str) -> dict | None:
+    """Median seconds of an epoch's parts, skipping the first epoch (tracing).
+
+    start: fit's set-up until the first step is done; train: the remaining
+    steps; validation; between: from the end of fit to the next epoch's start
+    (the checkpoint's snapshot, the next fit's preparations).
+    """
+    epochs = run.phase_epochs(phase)[1:]
+    if len(epochs) < 2:
+        return None
+    parts = {"start": [e["first_step"] - e["start"] for e in epochs],
+             "train": [e["last_step"] - e["first_step"] for e in epochs],
+             "validation": [e["end"] - e["last_step"] for e in epochs],
+             "between": [b["start"] - a["end"] for a, b in pairwise(epochs)]}
+    return {**{k: median(v) for k, v in parts.items()}, "steps": epochs[0]["steps"]}
