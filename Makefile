@@ -39,7 +39,7 @@ train: $(STAMP) ## train (writes sample data into data/ if it has no images); AR
 test: $(STAMP) ## run the whole test suite (unit + end-to-end); TESTS=path narrows it
 	$(PY) -m pytest $(TESTS)
 
-bench: $(STAMP) ## measure speed ratios (not part of the tests)
+bench: $(STAMP) ## pipeline vs the classic recipe, and where the time goes (not a test); ARGS=--quick
 	$(PY) -m pipeline.bench $(ARGS)
 
 tensorboard: $(STAMP) ## TensorBoard over outputs/ and multirun/ on localhost:6006 (PORT=...); installs it once

@@ -82,6 +82,7 @@ class CheckpointConfig:
     every: int = 1
     every_batches: int = 0
     keep_last: int = 3
+    asynchronous: bool = False
 
 
 @dataclass

@@ -13,8 +13,8 @@ import tensorflow as tf
 
 from . import summary
 from .batch_saver import BatchSaver, Preempted, StopFlag
-from .checkpoint import (Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints, prune,
-                         save_checkpoint)
+from .checkpoint import Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints
+from .checkpoint_writer import CheckpointWriter, prune_and_announce
 from .config import Config, ConfigError, PhaseConfig
 from .cluster import WorkerRole, read_worker_role
 from .data import DataError, DataSet, ensure_sample_data, read_dataset, train_batches, validation_batches
@@ -45,7 +45,7 @@ class Session:
     data: DataSet
     model: keras.Model
     fingerprint: dict
-    twin: Optional[keras.Model] = None   # optimizer-free copy for tf_checkpoint writes
+    writer: Optional[CheckpointWriter] = None
     # Where checkpoints and the final model are written: `cfg` itself, except on a
     # non-chief worker of a multi-worker run, whose copies go to a scratch folder.
     out: Optional[Config] = None
@@ -169,8 +169,10 @@ def train_and_save(cfg: Config, out: Config, resume: Optional[bool], report_dir:
         write_missing_report(report_dir, cfg, data, done.state, done.manifest.get("logs", {}))
         return summary.outcome(cfg, done.state, done.manifest.get("logs", {}), time.time() - started,
                                "already complete")
-    if cfg.checkpoint.format == "tf_checkpoint":
-        session.twin = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
+    if strategy:  # every worker must save in step with the others: no background thread
+        out = replace(out, checkpoint=replace(out.checkpoint, asynchronous=False))
+        session.out = out
+    session.writer = CheckpointWriter(out.checkpoint, session.fingerprint, model, prune_and_announce(out.checkpoint))
     restored = restore_newest_usable(plan, session.prepare)
     if restored:
         session.state = restored.state
@@ -207,6 +209,8 @@ def train_phases(session: Session, phases: list[Phase], compiled_for: Optional[s
                                 "run the same command to continue")
     finally:
         session.stop.uninstall()
+        # The last checkpoint commits (or its error surfaces) before the final save and exit.
+        session.writer.wait()
 
 
 def fit_epoch(session: Session, phase: Phase, validation) -> None:
@@ -235,16 +239,19 @@ def fit_epoch(session: Session, phase: Phase, validation) -> None:
 
 
 def write_checkpoint(session: Session, logs: dict) -> str:
-    """Commit a checkpoint (recording whether it is the best so far), then prune old ones."""
+    """Checkpoint the model as it is now (recording whether it is the best so far).
+
+    With checkpoint.asynchronous the files are written in the background
+    (checkpoint_writer.py); the writer prunes old ones and prints the
+    `checkpoint:` line once this one has committed.
+    """
     cfg, state = session.out, session.state
+    session.writer.wait()  # the previous one committed: its name is taken, its error raised here
     stem = checkpoint_stem(cfg.checkpoint, state, logs)
     value = logs.get(cfg.checkpoint.monitor)
     if monitor_improved(cfg, value, state.best):
         state.best, state.best_stem = value, stem
-    save_checkpoint(session.model, cfg.checkpoint, stem, state, logs, session.fingerprint, session.twin)
-    keep = 1 if cfg.checkpoint.save_best_only else cfg.checkpoint.keep_last
-    prune(Path(cfg.checkpoint.dir), keep, state.best_stem)
-    print(f"checkpoint: {Path(cfg.checkpoint.dir) / stem} ({cfg.checkpoint.format})", flush=True)
+    session.writer.submit(session.model, stem, state, logs, background=not session.stop.raised)
     return stem
 
 
