@@ -147,3 +147,21 @@ def test_two_local_workers_killed_with_sigkill_resume_and_finish(tmp_path, tiny_
         "assert p.shape == (2, 3) and np.allclose(p.sum(1), 1, atol=1e-4); print('ok')"), str(model_file)],
         capture_output=True, text=True, env=cli_env(), timeout=300)
     assert loaded.stdout.strip().endswith("ok"), loaded.stdout + loaded.stderr
+
+
+@pytest.mark.e2e
+def test_mirrored_strategy_trains_like_a_single_process(tmp_path, tiny_data):
+    """distribute=mirrored (one CPU replica here) goes through the same split feed and
+    must log the same first epoch as a plain run of the same configuration."""
+    def first_epoch_line(run_dir, *extra):
+        result = run_cli(*run_args(run_dir, tiny_data, "train.finetune.epochs=0", *extra), cwd=REPO)
+        assert result.returncode == 0, result.stdout + result.stderr
+        line = next(l for l in result.stdout.splitlines() if "val_accuracy:" in l)
+        return {k.strip(): float(v) for k, v in (part.split(":") for part in line.split(" - ")[3:])}
+
+    plain = first_epoch_line(tmp_path / "plain")
+    mirrored = first_epoch_line(tmp_path / "mirrored", "distribute=mirrored")
+    assert mirrored.keys() == plain.keys()
+    for key in plain:
+        assert mirrored[key] == pytest.approx(plain[key], abs=2e-4), (key, plain, mirrored)
+    assert (tmp_path / "mirrored" / "model" / "final.h5").is_file()
