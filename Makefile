@@ -7,6 +7,7 @@ SHELL := /bin/bash
 PYTHON ?=
 ARGS ?=
 TESTS ?= tests
+PORT ?= 6006
 
 ifeq ($(strip $(PYTHON)),)
 PY := .venv/bin/python
@@ -17,7 +18,7 @@ STAMP := .make/installed-$(subst /,_,$(PYTHON))
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test bench clean-runs
+.PHONY: help setup train test bench tensorboard clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,8 +39,13 @@ train: $(STAMP) ## train (writes sample data into data/ if it has no images); AR
 test: $(STAMP) ## run the whole test suite (unit + end-to-end); TESTS=path narrows it
 	$(PY) -m pytest $(TESTS)
 
-bench: $(STAMP) ## measure speed ratios (not part of the tests)
+bench: $(STAMP) ## pipeline vs the classic recipe, and where the time goes (not a test); ARGS=--quick
 	$(PY) -m pipeline.bench $(ARGS)
+
+tensorboard: $(STAMP) ## TensorBoard over outputs/ and multirun/ on localhost:6006 (PORT=...); installs it once
+	@$(PY) -c "import tensorboard" 2>/dev/null || $(PY) -m pip install --quiet -e '.[tensorboard]'
+	@mkdir -p outputs multirun
+	$(PY) -m tensorboard.main --logdir_spec outputs:outputs,multirun:multirun --host localhost --port $(PORT)
 
 clean-runs: ## delete outputs/ and multirun/ (Hydra's logs); never touches ckpt/, model/ or data/
 	rm -rf outputs multirun

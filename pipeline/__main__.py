@@ -17,7 +17,11 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from .cluster import check_tf_config  # noqa: E402
 from .config import ConfigError, register_config, run_name, to_config  # noqa: E402
+from .job_process import JobPreempted, JobUserError, run_in_child  # noqa: E402
+from .local_workers import WorkerFailed, run_local_workers  # noqa: E402
+from .memory import peak_memory_mb, reset_peak_memory  # noqa: E402
 from .quiet import import_tensorflow_quietly  # noqa: E402
 from .sweep import write_result  # noqa: E402
 
@@ -40,13 +44,25 @@ def main(cfg: DictConfig):
         record_run_config(cfg)
         for note in notes:
             print(f"note: {note}")
-        import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
-        from .train import run
+        check_tf_config(config.distribute)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        reset_peak_memory()
+        if HydraConfig.get().mode == RunMode.MULTIRUN and not config.distribute.local_workers:
+            outcome = run_in_child(config, resume, run_dir)  # job_process.py: why a child per job
+        else:
+            import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
+            if config.distribute.local_workers and not os.environ.get("TF_CONFIG"):
+                outcome = launch_local_workers(config, run_dir)
+            else:
+                from .train import run
 
-        outcome = run(config, resume, Path(HydraConfig.get().runtime.output_dir))
-        record_result(outcome)
+                outcome = run(config, resume, run_dir)
+        record_result({"peak_mb": peak_memory_mb(), **outcome})  # a launcher reports its chief's
         # What Hydra's sweepers (Optuna) optimise: the best monitored value.
         return outcome["best"] if outcome["best"] is not None else float("nan")
+    except WorkerFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except Exception as err:
         if is_preemption(err):
             print(str(err), flush=True)
@@ -62,6 +78,17 @@ def main(cfg: DictConfig):
         if isinstance(err, ConfigError):
             remove_empty_run_dir()
         sys.exit(2)
+
+
+def launch_local_workers(config, run_dir: Path) -> dict:
+    """Check the data once here (so workers do not race to write the sample set), then run the workers."""
+    from .data import ensure_sample_data, read_dataset
+    from .image_check import check_images
+
+    ensure_sample_data(config.data)
+    check_images(read_dataset(config.data), config.data, run_dir)
+    return run_local_workers(config.distribute.local_workers, list(HydraConfig.get().overrides.task),
+                             config.checkpoint.dir, config.model.save_path, run_dir)
 
 
 def record_result(outcome: dict) -> None:
@@ -108,6 +135,8 @@ def give_sweep_job_its_own_paths(config) -> None:
 
 
 def is_preemption(err: Exception) -> bool:
+    if isinstance(err, JobPreempted):
+        return True
     if "tensorflow" not in sys.modules:  # the only source of Preempted never started
         return False
     from .batch_saver import Preempted
@@ -116,7 +145,7 @@ def is_preemption(err: Exception) -> bool:
 
 
 def is_user_error(err: Exception) -> bool:
-    if isinstance(err, ConfigError):
+    if isinstance(err, (ConfigError, JobUserError)):
         return True
     if "tensorflow" not in sys.modules:
         return False

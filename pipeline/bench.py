@@ -1,8 +1,14 @@
-"""`make bench`: measurements side by side, from one run, printed as ratios.
+"""`make bench`: the pipeline against the classic recipe, and where the time goes, from one run.
 
-Not a test: nothing here passes or fails on time. It trains one epoch of the
-sample set at the default size and compares what a checkpoint in each format
-costs with what that epoch cost.
+Not a test: nothing here passes or fails on time. Every figure comes from this
+run on this machine, on the same data (the sample set, written into a scratch
+folder), and the ratios compare measurements taken one after the other, so a
+busy machine shows in both sides (the load average is printed beside each).
+
+    python -m pipeline.bench [--quick] [--only runs,startup,input,model,checkpoint,check]
+
+The full bench (10 head + 5 fine-tune epochs at 150 px, both sides, plus the
+rates at 150 and 299 px) takes about an hour on 2 cores; `--quick` a few minutes.
 """
 from __future__ import annotations
 
@@ -15,50 +21,140 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+PARTS = ("runs", "startup", "input", "model", "checkpoint", "check")
+# (training, validation) images per class of the sample set; epochs of each phase; sizes; formats.
+FULL = {"per_class": (150, 40), "head_epochs": 10, "finetune_epochs": 5, "sizes": [150, 299],
+        "formats": ["keras", "h5", "weights_h5", "tf_checkpoint"], "steps": 10}
+QUICK = {"per_class": (50, 20), "head_epochs": 2, "finetune_epochs": 3, "sizes": [150],
+         "formats": ["keras"], "steps": 5}
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=150, help="pixels (default: the pipeline's)")
+    parser.add_argument("--quick", action="store_true", help="a few-minute version: fewer images, epochs, sizes")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {','.join(PARTS)}")
+    parser.add_argument("--image-size", type=int, default=150, help="pixels of the two runs (default: 150)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--head-epochs", type=int, help="override the head epochs of both runs")
+    parser.add_argument("--finetune-epochs", type=int, help="override the fine-tune epochs of both runs")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.plan = dict(QUICK if args.quick else FULL)
+    for key in ("head_epochs", "finetune_epochs"):
+        if getattr(args, key) is not None:
+            args.plan[key] = getattr(args, key)
+    args.only = [p for p in args.only.split(",") if p]
+    unknown = set(args.only) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    return args
 
 
-def measure_checkpoint_cost(work: Path, image_size: int, batch_size: int) -> None:
-    """One epoch of whole-network training, then one checkpoint in every format."""
-    import keras
+def say(text: str) -> None:
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{text}   [load {load}]", flush=True)
 
-    from .checkpoint import SUFFIXES, TrainState, checkpoint_stem, save_checkpoint
-    from .config import CheckpointConfig, DataConfig, ModelConfig
-    from .data import read_dataset, train_batches
-    from .model import build_model, compile_model, set_trainable
+
+def prepare_data(work: Path, per_class: tuple[int, int]) -> Path:
     from .sample_data import write_sample_data
 
     data_dir = work / "data"
     if not (data_dir / "train").exists():
-        write_sample_data(data_dir)
-    data_cfg = DataConfig(dir=str(data_dir), image_size=image_size, batch_size=batch_size)
-    data = read_dataset(data_cfg)
-    model = build_model(ModelConfig(weights=None), len(data.class_names), image_size)
-    set_trainable(model, "finetune", None, pretrained=False)
-    compile_model(model, "adam", 1e-3)
-    model.fit(train_batches(data, data_cfg, 0, 0), epochs=1, verbose=0, shuffle=False)  # tracing
-    started = time.perf_counter()
-    model.fit(train_batches(data, data_cfg, 0, 1), epochs=1, verbose=0, shuffle=False)
-    epoch = time.perf_counter() - started
-    images = len(data.train.filepaths)
-    print(f"epoch at {image_size} px, whole network: {epoch:.1f} s for {images} images "
-          f"({images / epoch:.1f} images/s)")
-    twin = build_model(ModelConfig(weights=None), len(data.class_names), image_size)
-    for fmt in SUFFIXES:
-        cfg = CheckpointConfig(dir=str(work / f"ckpt_{fmt}"), format=fmt)
-        state = TrainState(phase="finetune", phase_epoch=1, epoch=1)
-        logs = {"val_accuracy": 0.5}
-        started = time.perf_counter()
-        save_checkpoint(model, cfg, checkpoint_stem(cfg, state, logs), state, logs, {}, twin)
-        cost = time.perf_counter() - started
-        print(f"checkpoint {fmt:<14} {cost:5.2f} s = {cost / epoch:6.1%} of an epoch")
-    keras.backend.clear_session()
+        write_sample_data(data_dir, train_per_class=per_class[0], validation_per_class=per_class[1])
+    return data_dir
+
+
+def count_images(data_dir: Path) -> int:
+    return sum(1 for _ in (data_dir / "train").rglob("*.jpg"))
+
+
+def bench_runs(data_dir: Path, work: Path, args, results: dict) -> None:
+    """Both recipes, same data, epochs and size, one after the other."""
+    from .bench_runs import (
+        epoch_breakdown,
+        run_classic,
+        run_pipeline,
+        steady_epoch_seconds,
+    )
+
+    plan, size = args.plan, args.image_size
+    say(f"classic recipe: {plan['head_epochs']} head + {plan['finetune_epochs']} fine-tune epochs at {size} px ...")
+    classic = run_classic(data_dir, size, plan["head_epochs"], plan["finetune_epochs"], work / "classic.log")
+    say(f"classic recipe:  {classic['seconds']:7.1f} s, last val_accuracy {classic['val_accuracy']:.3f}")
+    pipeline = run_pipeline(data_dir, work / "pipeline_run", size, plan["head_epochs"], plan["finetune_epochs"])
+    say(f"pipeline:        {pipeline['seconds']:7.1f} s, last val_accuracy {pipeline['val_accuracy']:.3f}")
+    say(f"  classic / pipeline wall time: {classic['seconds'] / pipeline['seconds']:.2f}x "
+        f"(target >= 3x); accuracy difference {100 * (pipeline['val_accuracy'] - classic['val_accuracy']):+.1f} points")
+    run = pipeline["run"]
+    say(f"  pipeline: first training step after {run.first_step:.1f} s")
+    for phase in ("head", "finetune"):
+        seconds = steady_epoch_seconds(run, phase)
+        parts = epoch_breakdown(run, phase)
+        if seconds and parts:
+            results[f"{phase}_epoch"] = seconds
+            # the first batch is inside "start"; the others hold the rest of the images
+            results[f"{phase}_train_rate"] = (count_images(data_dir) - args.batch_size) / parts["train"]
+            say(f"  pipeline {phase} epoch, end to end (after the first): {seconds:.1f} s = fit's start to its "
+                f"first step {parts['start']:.1f} s + the other steps {parts['train']:.1f} s + validation "
+                f"{parts['validation']:.1f} s + checkpoint snapshot and the next fit's set-up {parts['between']:.1f} s")
+
+
+def bench_startup(data_dir: Path, work: Path, args, results: dict) -> None:
+    from .bench_runs import measure_startup
+
+    startup = measure_startup(data_dir, work / "startup_run", args.image_size)
+    say(f"seconds from `python -m pipeline` to the first training step: fresh {startup['fresh']:.1f} s, "
+        f"on resume {startup['resume']:.1f} s")
+
+
+def bench_model(data_dir: Path, args, results: dict) -> None:
+    """Compute-bound rates on in-memory tensors, and the fine-tune phase's end-to-end share."""
+    from .bench_rates import PHASES, model_rate
+
+    n_images = count_images(data_dir)
+    for size in args.plan["sizes"]:
+        for phase in ("head", "finetune"):
+            rate = model_rate(3, size, args.batch_size, phase, args.plan["steps"])
+            results[("model", size, phase)] = rate
+            say(f"model alone, {size} px, {phase} phase ({PHASES[phase]}): {rate:6.1f} images/s (in-memory tensors)")
+    for phase in ("head", "finetune"):
+        compute = results.get(("model", args.image_size, phase))
+        if compute and f"{phase}_epoch" in results:
+            end_to_end, steps = n_images / results[f"{phase}_epoch"], results[f"{phase}_train_rate"]
+            say(f"  {phase} phase end to end {end_to_end:.1f} images/s = {end_to_end / compute:.0%} of compute-bound"
+                + (" (target >= 90%)" if phase == "finetune" else "")
+                + f"; its training steps alone {steps:.1f} images/s = {steps / compute:.0%}")
+
+
+def bench_input(data_dir: Path, args, results: dict) -> None:
+    """The feed alone (augmentation, workers) against what the model consumes."""
+    from .bench_rates import feed_rate
+    from .config import DataConfig
+
+    for size in args.plan["sizes"]:
+        for workers in sorted({1, DataConfig.workers}):
+            rate = feed_rate(data_dir, size, args.batch_size, workers)
+            line = f"input feed alone, {size} px, {workers} worker(s): {rate:6.1f} images/s"
+            for phase in ("head", "finetune"):
+                consumed = results.get(("model", size, phase))
+                if consumed:
+                    line += f"; {rate / consumed:.1f}x the {phase} phase's consumption"
+            say(line + (" (target >= 3x)" if workers == DataConfig.workers else ""))
+
+
+def bench_checkpoint(data_dir: Path, work: Path, args, results: dict) -> None:
+    from .bench_rates import checkpoint_costs
+
+    epoch, costs = checkpoint_costs(data_dir, work / "checkpoint_cost", args.image_size, args.batch_size,
+                                    args.plan["formats"], args.plan["steps"])
+    n_images = count_images(data_dir)
+    say(f"epoch at {args.image_size} px, whole network: {epoch:.1f} s for {n_images} images")
+    for cost in costs:
+        mode = "async" if cost["asynchronous"] else "sync "
+        detail = (f" (snapshot {cost['blocking']:.2f} s + {cost['steps_during']} steps slowed by "
+                  f"{cost['slowdown']:+.2f} s while the write ran)" if cost["asynchronous"] else "")
+        say(f"checkpoint {cost['format']:<14} {mode} {cost['seconds']:5.2f} s = "
+            f"{cost['seconds'] / epoch:6.1%} of an epoch{detail} (target <= 5%)")
 
 
 def main(argv=None) -> int:
@@ -66,12 +162,31 @@ def main(argv=None) -> int:
     from .quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()
+    from .config import Config
+    from .train import configure_tensorflow
+
+    configure_tensorflow(Config())  # the pipeline's defaults (op determinism), as its runs have them
+    started = time.time()
+    results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         work = args.work or Path(scratch)
-        measure_checkpoint_cost(work, args.image_size, args.batch_size)
-    from .image_check import report_check_speed
+        data_dir = prepare_data(work, args.plan["per_class"])
+        say(f"bench: {'quick' if args.quick else 'full'}, data {data_dir}, {os.cpu_count()} cores")
+        if "runs" in args.only:
+            bench_runs(data_dir, work, args, results)
+        if "model" in args.only:  # right after the runs, so the share compares like with like
+            bench_model(data_dir, args, results)
+        if "input" in args.only:
+            bench_input(data_dir, args, results)
+        if "startup" in args.only:
+            bench_startup(data_dir, work, args, results)
+        if "checkpoint" in args.only:
+            bench_checkpoint(data_dir, work, args, results)
+    if "check" in args.only:
+        from .image_check import report_check_speed
 
-    report_check_speed()
+        report_check_speed()
+    say(f"bench done in {time.time() - started:.0f} s")
     return 0
 
 

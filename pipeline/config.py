@@ -85,6 +85,13 @@ class CheckpointConfig:
     every: int = 1
     every_batches: int = 0
     keep_last: int = 3
+    asynchronous: bool = False
+
+
+@dataclass
+class DistributeConfig:
+    strategy: str = "none"
+    local_workers: int = 0
 
 
 @dataclass
@@ -93,6 +100,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
 
 
 def run_name(override_dirname: str) -> str:
@@ -123,6 +131,7 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 ON_BAD_IMAGE = ("fail", "skip")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("none", "mirrored", "multi_worker")
 
 
 def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
@@ -133,7 +142,7 @@ def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
     plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
              if k in Config.__dataclass_fields__}
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))
-    notes = translate_seed_spellings(config.checkpoint)
+    notes = translate_seed_spellings(config.checkpoint) + imply_multi_worker(config.distribute)
     validate(config)
     return config, notes
 
@@ -151,6 +160,14 @@ def translate_seed_spellings(ckpt: CheckpointConfig) -> list[str]:
             ckpt.filename = ckpt.filename.replace("{" + old, "{" + new)
             notes.append(f"checkpoint.filename: '{{{old}}}' is Keras 2's name; using '{{{new}}}'")
     return notes
+
+
+def imply_multi_worker(dist: DistributeConfig) -> list[str]:
+    """`distribute.local_workers=N` alone means a multi-worker run on this machine."""
+    if dist.local_workers > 0 and dist.strategy == "none":
+        dist.strategy = "multi_worker"
+        return [f"distribute.local_workers={dist.local_workers}: training with distribute=multi_worker"]
+    return []
 
 
 def filename_fields(pattern: str) -> list[str]:
@@ -203,6 +220,19 @@ def validate(config: Config) -> None:
     at_least("checkpoint.every_batches", c.every_batches, 0)
     at_least("checkpoint.keep_last", c.keep_last, 1)
     validate_filename(c.filename)
+    validate_distribute(config.distribute)
+    for name in ("head", "finetune"):
+        if getattr(t, name).cached_views and config.distribute.strategy != "none":
+            raise ConfigError(f"train.{name}.cached_views={getattr(t, name).cached_views} cannot be combined with "
+                              f"distribute={config.distribute.strategy}: set it to 0 for distributed runs")
+
+
+def validate_distribute(dist: DistributeConfig) -> None:
+    one_of("distribute.strategy", dist.strategy, STRATEGIES)
+    at_least("distribute.local_workers", dist.local_workers, 0)
+    if dist.local_workers > 0 and dist.strategy != "multi_worker":
+        raise ConfigError(f"distribute.local_workers={dist.local_workers} starts multi-worker processes; "
+                          f"it cannot be combined with distribute={dist.strategy}")
 
 
 def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None) -> None:

@@ -273,11 +273,28 @@ class Batches(tf.keras.utils.PyDataset):
         return self.batches_per_epoch - self.start_batch
 
     def __getitem__(self, index: int):
-        batch = index + self.start_batch
-        picks = self.order[batch * self.cfg.batch_size:(batch + 1) * self.cfg.batch_size]
+        picks = self.picks(index + self.start_batch)
         x = np.stack([self.load(int(j)) for j in picks])
         y = np.eye(self.n_classes, dtype=np.float32)[self.split.labels[picks]]
         return x, y
+
+    def picks(self, batch: int) -> np.ndarray:
+        return self.order[batch * self.cfg.batch_size:(batch + 1) * self.cfg.batch_size]
+
+    def shard(self, batch: int, part: int, parts: int):
+        """Part `part` of `parts` of global batch `batch`, as (x, y, sample weights).
+
+        Every part has the same size, so no replica waits on another with an empty
+        batch: a short part is padded with a copy of the batch's first image at weight 0.
+        """
+        picks = self.picks(batch)
+        size = -(-len(picks) // parts)
+        mine = picks[part * size:(part + 1) * size]
+        padded = np.concatenate([mine, np.repeat(picks[:1], size - len(mine))]).astype(int)
+        x = np.stack([self.load(int(j)) for j in padded])
+        y = np.eye(self.n_classes, dtype=np.float32)[self.split.labels[padded]]
+        w = (np.arange(size) < len(mine)).astype(np.float32)
+        return x.astype(np.float32), y, w
 
     def load(self, j: int) -> np.ndarray:
         x = load_image(self.split.filepaths[j], self.cfg.image_size, self.cfg.interpolation,

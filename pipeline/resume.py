@@ -20,14 +20,19 @@ class ResumePlan:
     reason: str = ""
 
 
-def plan_resume(directory: Path, fingerprint: dict, resume: Optional[bool]) -> ResumePlan:
-    """Which checkpoints to try, newest first; refuse those of another configuration."""
+def plan_resume(directory: Path, fingerprint: dict, resume: Optional[bool], read_only: bool = False) -> ResumePlan:
+    """Which checkpoints to try, newest first; refuse those of another configuration.
+
+    `read_only` (a non-chief worker) changes nothing in `directory`: the chief
+    archives and cleans it, and committed checkpoints are all a reader trusts.
+    """
     directory = Path(directory)
     if resume is False:
-        archived = archive_all(directory)
+        archived = None if read_only else archive_all(directory)
         moved = f"; previous contents moved to {archived}" if archived else ""
         return ResumePlan([], f"starting fresh (+resume=false){moved}")
-    clean_leftovers(directory)
+    if not read_only:
+        clean_leftovers(directory)
     checkpoints = list_checkpoints(directory)
     if not checkpoints:
         if resume is True:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 RESULT = "result.json"
 SUMMARY = "summary.csv"
-COLUMNS = ("job", "overrides", "status", "monitor", "best", "last", "epochs", "seconds", "model")
+COLUMNS = ("job", "overrides", "status", "monitor", "best", "last", "epochs", "seconds", "peak_mb", "model")
 
 
 def write_result(run_dir: Path, overrides: list[str], outcome: dict) -> None:
@@ -46,7 +46,7 @@ def write_summary(sweep_dir: Path) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    shown = ("overrides", "status", "best", "last", "epochs", "seconds")
+    shown = ("overrides", "status", "best", "last", "epochs", "seconds", "peak_mb")
     cells = [[fmt(row.get(c)) for c in shown] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(shown)]
     for line in [list(shown), *cells]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,15 +14,19 @@ import tensorflow as tf
 from . import summary
 from .batch_saver import BatchSaver, Preempted, StopFlag
 from .cached_phase import Feed, check_cached_cut, make_feed
-from .checkpoint import (Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints, prune,
-                         save_checkpoint)
+from .checkpoint import Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints
+from .checkpoint_writer import CheckpointWriter, prune_and_announce
+from .cluster import WorkerRole, read_worker_role
 from .config import Config, ConfigError, PhaseConfig
-from .data import DataError, DataSet, ensure_sample_data, read_dataset
+from .data import DataError, DataSet, ensure_sample_data, read_dataset, validation_batches
+from .distribute import distribute_batches, make_strategy, prepare_model_for_strategy, scratch_folder, strategy_scope
 from .final_model import read_metadata, save_final
+from .history import start_history
 from .image_check import check_images
 from .model import (WeightsError, build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after,
                     set_trainable)
 from .precision import set_precision
+from .report import write_missing_report, write_run_report
 from .resume import plan_resume, restore_newest_usable
 from .startup import FirstStepTimer
 
@@ -44,11 +48,16 @@ class Session:
     data: DataSet
     model: keras.Model
     fingerprint: dict
-    twin: Optional[keras.Model] = None   # optimizer-free copy for tf_checkpoint writes
+    writer: Optional[CheckpointWriter] = None
+    # Where checkpoints and the final model are written: `cfg` itself, except on a
+    # non-chief worker of a multi-worker run, whose copies go to a scratch folder.
+    out: Optional[Config] = None
+    strategy: Optional[tf.distribute.Strategy] = None
     state: TrainState = field(default_factory=TrainState)
     last_logs: dict = field(default_factory=dict)
     stop: StopFlag = field(default_factory=StopFlag)
     feed: Optional[Feed] = None   # what the current phase's fit() runs on (cached_phase.py)
+    callbacks: list = field(default_factory=list)  # per-epoch records (history.py), passed to every fit
 
     @property
     def pretrained(self) -> bool:
@@ -129,9 +138,23 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
     """Train (or continue training) and save the final model; return the closing summary.
 
     `report_dir` is the run's output folder (Hydra's), for reports such as the bad-image list.
+    Under distribute=multi_worker every worker runs this; only the chief's writes are kept.
     """
-    started = time.time()
     configure_tensorflow(cfg)
+    strategy = make_strategy(cfg.distribute)
+    role = read_worker_role() if cfg.distribute.strategy == "multi_worker" else WorkerRole()
+    with scratch_folder(role) as scratch, strategy_scope(strategy):
+        if scratch is None:
+            return train_and_save(cfg, cfg, resume, report_dir, strategy)
+        out = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=f"{scratch}/ckpt"),
+                      model=replace(cfg.model, save_path=f"{scratch}/model.h5"))
+        return train_and_save(cfg, out, resume, Path(scratch), strategy, read_only=True)
+
+
+def train_and_save(cfg: Config, out: Config, resume: Optional[bool], report_dir: Path,
+                   strategy: Optional[tf.distribute.Strategy], read_only: bool = False) -> dict:
+    """The stages in order, reading checkpoints from cfg's paths and writing to out's."""
+    started = time.time()
     ensure_sample_data(cfg.data)
     # Every image decoded now, in seconds, rather than failing hours into the run.
     data = check_images(read_dataset(cfg.data), cfg.data, report_dir)
@@ -140,17 +163,22 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
     model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
     check_unfreeze_after(model, cfg.train.finetune.unfreeze_after)
     check_cached_cut(model, cfg)
-    session = Session(cfg, data, model, make_fingerprint(cfg, data))
-    plan = plan_resume(Path(cfg.checkpoint.dir), session.fingerprint, resume)
+    session = Session(cfg, data, model, make_fingerprint(cfg, data), out=out, strategy=strategy)
+    if strategy:
+        prepare_model_for_strategy(model, strategy, validation_batches(data, cfg.data))
+    plan = plan_resume(Path(cfg.checkpoint.dir), session.fingerprint, resume, read_only)
     phases = plan_phases(cfg)
     done = finished_run(cfg, plan.candidates[0] if plan.candidates else None, phases)
     if done:
         print(f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
               f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
+        write_missing_report(report_dir, cfg, data, done.state, done.manifest.get("logs", {}))
         return summary.outcome(cfg, done.state, done.manifest.get("logs", {}), time.time() - started,
                                "already complete")
-    if cfg.checkpoint.format == "tf_checkpoint":
-        session.twin = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
+    if strategy:  # every worker must save in step with the others: no background thread
+        out = replace(out, checkpoint=replace(out.checkpoint, asynchronous=False))
+        session.out = out
+    session.writer = CheckpointWriter(out.checkpoint, session.fingerprint, model, prune_and_announce(out.checkpoint))
     restored = restore_newest_usable(plan, session.prepare)
     if restored:
         session.state = restored.state
@@ -158,15 +186,21 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
         session.last_logs = restored.manifest.get("logs", {})
     else:
         session.state = TrainState(phase=phases[0].name)
+    # history.csv and TensorBoard drop what was trained after the restored checkpoint.
+    session.callbacks = start_history(report_dir, lambda: session.state, restored.stem if restored else None)
     summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
-    save_final(model, Path(cfg.model.save_path), final_metadata(session))
-    return summary.print_closing(cfg, session.state, session.last_logs, time.time() - started)
+    save_final(model, Path(out.model.save_path), final_metadata(session))
+    write_run_report(report_dir, out, data, model, session.state, session.last_logs)
+    return summary.print_closing(out, session.state, session.last_logs, time.time() - started)
 
 
 def train_phases(session: Session, phases: list[Phase], compiled_for: Optional[str]) -> None:
     """Run the remaining epochs of every phase, recompiling when the phase changes."""
-    session.stop.install()
+    if session.cfg.distribute.strategy != "multi_worker":
+        # Workers would see SIGTERM at different batches and wait on each other
+        # forever; a multi-worker run resumes from its last checkpoint instead.
+        session.stop.install()
     try:
         while (phase := advance(session.state, phases)) is not None:
             if compiled_for != phase.name:
@@ -182,6 +216,8 @@ def train_phases(session: Session, phases: list[Phase], compiled_for: Optional[s
                                 "run the same command to continue")
     finally:
         session.stop.uninstall()
+        # The last checkpoint commits (or its error surfaces) before the final save and exit.
+        session.writer.wait()
 
 
 def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
@@ -197,10 +233,15 @@ def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
 
     saver = BatchSaver(save_mid_epoch, cfg.checkpoint.every_batches, state.batch,
                        batches.batches_per_epoch, session.stop)
+    train_data, validation = batches, feed.validation
+    if session.strategy:  # cached phases are refused with distribute (config.py)
+        train_data = distribute_batches(batches, session.strategy)
+        validation = distribute_batches(feed.validation, session.strategy)
     # shuffle=False: Batches already shuffles by (seed, epoch). fit() would reorder
     # batches with Python's global `random`, whose state a resumed process does not share.
-    history = feed.model.fit(batches, validation_data=feed.validation, epochs=1, shuffle=False,
-                             callbacks=[saver, FirstStepTimer()], verbose=1 if sys.stdout.isatty() else 2)
+    history = feed.model.fit(train_data, validation_data=validation, epochs=1, shuffle=False,
+                             callbacks=[saver, FirstStepTimer(), *session.callbacks],
+                             verbose=1 if sys.stdout.isatty() else 2)
     session.last_logs = {k: float(v[-1]) for k, v in history.history.items()}
     state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
     if (state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs
@@ -209,16 +250,19 @@ def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
 
 
 def write_checkpoint(session: Session, logs: dict) -> str:
-    """Commit a checkpoint (recording whether it is the best so far), then prune old ones."""
-    cfg, state = session.cfg, session.state
+    """Checkpoint the model as it is now (recording whether it is the best so far).
+
+    With checkpoint.asynchronous the files are written in the background
+    (checkpoint_writer.py); the writer prunes old ones and prints the
+    `checkpoint:` line once this one has committed.
+    """
+    cfg, state = session.out, session.state
+    session.writer.wait()  # the previous one committed: its name is taken, its error raised here
     stem = checkpoint_stem(cfg.checkpoint, state, logs)
     value = logs.get(cfg.checkpoint.monitor)
     if monitor_improved(cfg, value, state.best):
         state.best, state.best_stem = value, stem
-    save_checkpoint(session.model, cfg.checkpoint, stem, state, logs, session.fingerprint, session.twin)
-    keep = 1 if cfg.checkpoint.save_best_only else cfg.checkpoint.keep_last
-    prune(Path(cfg.checkpoint.dir), keep, state.best_stem)
-    print(f"checkpoint: {Path(cfg.checkpoint.dir) / stem} ({cfg.checkpoint.format})", flush=True)
+    session.writer.submit(session.model, stem, state, logs, background=not session.stop.raised)
     return stem
 
 
@@ -234,7 +278,7 @@ def monitor_improved(cfg: Config, value: Optional[float], best: Optional[float])
 
 
 def final_metadata(session: Session) -> dict:
-    cfg, state = session.cfg, session.state
+    cfg, state = session.out, session.state
     found = list_checkpoints(Path(cfg.checkpoint.dir))
     return {"class_names": session.data.class_names, "image_size": cfg.data.image_size,
             "final_checkpoint": found[-1].identity if found else None, "lineage": state.lineage,

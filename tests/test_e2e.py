@@ -169,6 +169,9 @@ def test_multirun_jobs_never_share_checkpoints_or_models(tmp_path, tiny_data):
         rows = list(csv.DictReader(f))
     assert sorted(r["job"] for r in rows) == jobs
     assert all(r["status"] == "trained" and 0 <= float(r["best"]) <= 1 and r["epochs"] == "1" for r in rows)
+    # Each job trains in its own process, so the second does not inherit the first's memory.
+    first, second = (float(r["peak_mb"]) for r in sorted(rows, key=lambda r: r["job"]))
+    assert second <= 1.1 * first, (first, second)
     # the same sweep again: every job finds its own finished run
     again = run_cli("-m", *args, "train.head.lr=0.001,0.002", cwd=REPO)
     assert again.returncode == 0 and again.stdout.count("This run is already complete") == 2

@@ -59,9 +59,12 @@ def killed_then_resumed(tmp, data, kill_at, *extra):
     ("weights_h5", "before_manifest#2"),  # files in place, manifest not yet committed
     ("tf_checkpoint", "after_manifest#2"),  # committed, intent record not yet removed
     ("keras", "final_before_rename"),   # during the final save
+    ("keras+async", "before_manifest#2"),  # the background writer, killed before its commit
 ])
 def test_kill_inside_a_save_step_resumes_exactly_in_every_format(reference, tmp_path, tiny_data, fmt, kill_at):
-    first, second = killed_then_resumed(tmp_path, tiny_data, kill_at, f"checkpoint.format={fmt}")
+    fmt, _, asynchronous = fmt.partition("+")
+    first, second = killed_then_resumed(tmp_path, tiny_data, kill_at, f"checkpoint.format={fmt}",
+                                        f"checkpoint.asynchronous={'true' if asynchronous else 'false'}")
     assert "resume: from checkpoint transfer_0" in second.stdout
     assert largest_difference(reference[1], final_weights(tmp_path)) <= 1e-5
     leftovers = [p.name for p in (tmp_path / "ckpt").iterdir()

@@ -1,0 +1,140 @@
+"""Whole runs for `make bench`, each a real subprocess: the classic recipe, the pipeline's CLI,
+and the pipeline started fresh and on resume (seconds to the first training step)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from statistics import median
+
+from .bench_probe import EVENT
+
+
+@dataclass
+class Run:
+    """One subprocess: its wall time, its output, and the epochs the probe stamped."""
+    seconds: float
+    returncode: int
+    lines: list[str]
+    spawned: float                      # time.time() just before the process started
+    epochs: list[dict] = field(default_factory=list)  # bench-event dicts, each with its "phase"
+
+    @property
+    def first_step(self) -> float | None:
+        """Seconds from the command to the first finished training step."""
+        steps = [e["first_step"] for e in self.epochs if "first_step" in e]
+        return steps[0] - self.spawned if steps else None
+
+    def phase_epochs(self, phase: str) -> list[dict]:
+        return [e for e in self.epochs if e["phase"] == phase]
+
+
+def run_process(command: list[str], stop_when: Callable[[str, Run], bool] = lambda line, run: False,
+                log: Path | None = None) -> Run:
+    """Run `command`, stamping its output; SIGKILL it as soon as `stop_when(line, run)` holds.
+
+    The output is kept in `log` for a look at what a figure came from.
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    spawned = time.time()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = Run(0.0, 0, [], spawned)
+    phase = "?"
+    try:
+        for line in proc.stdout:
+            run.lines.append(line.rstrip("\n"))
+            for name in ("head", "finetune"):
+                if line.startswith(f"{name} epoch "):  # printed by train.fit_epoch before each fit
+                    phase = name
+            if line.startswith(EVENT):
+                run.epochs.append({**json.loads(line[len(EVENT):]), "phase": phase})
+            if stop_when(line, run):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait()
+    finally:
+        proc.kill()
+    run.seconds, run.returncode = time.time() - spawned, proc.returncode
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("\n".join(run.lines) + "\n")
+    return run
+
+
+def pipeline_command(data_dir: Path, work: Path, image_size: int, head_epochs: int, finetune_epochs: int,
+                     extra: tuple[str, ...] = ()) -> list[str]:
+    """The pipeline's CLI as the classic recipe's equivalent: random init, fine-tuning after mixed8."""
+    return [sys.executable, "-m", "pipeline.bench_probe", f"data.dir={data_dir}", "model.weights=null",
+            f"data.image_size={image_size}", f"train.head.epochs={head_epochs}",
+            f"train.finetune.epochs={finetune_epochs}", "train.finetune.unfreeze_after=mixed8",
+            # Feature caching (2 augmented views per phase), computed afresh in this run's own folder.
+            "train.head.cached_views=2", "train.finetune.cached_views=2", f"train.cache_dir={work / 'cache'}",
+            f"checkpoint.dir={work / 'ckpt'}", f"model.save_path={work / 'model' / 'final.h5'}",
+            f"hydra.run.dir={work / 'outputs'}", *extra]
+
+
+def run_pipeline(data_dir: Path, work: Path, image_size: int, head_epochs: int, finetune_epochs: int) -> dict:
+    run = run_process(pipeline_command(data_dir, work, image_size, head_epochs, finetune_epochs),
+                      log=work / "output.log")
+    if run.returncode != 0:
+        raise RuntimeError("the pipeline run failed:\n" + "\n".join(run.lines[-30:]))
+    result = json.loads((work / "outputs" / "result.json").read_text())
+    return {"seconds": run.seconds, "val_accuracy": result["last"], "run": run}
+
+
+def run_classic(data_dir: Path, image_size: int, head_epochs: int, finetune_epochs: int, log: Path) -> dict:
+    run = run_process([sys.executable, "-m", "pipeline.classic_recipe", str(data_dir), f"--image-size={image_size}",
+                       f"--head-epochs={head_epochs}", f"--finetune-epochs={finetune_epochs}"],
+                      log=log)
+    if run.returncode != 0:
+        raise RuntimeError("the classic recipe failed:\n" + "\n".join(run.lines[-30:]))
+    return {"seconds": run.seconds, "val_accuracy": json.loads(run.lines[-1])["val_accuracy"]}
+
+
+def measure_startup(data_dir: Path, work: Path, image_size: int) -> dict:
+    """Seconds from the command to the first training step: fresh, then resumed from its checkpoint.
+
+    The fresh run is killed once its first checkpoint has committed (the
+    `checkpoint:` line), the resumed one once it has trained a step.
+    """
+    command = pipeline_command(data_dir, work, image_size, 2, 1)
+    fresh = run_process(command, stop_when=lambda line, run: line.startswith("checkpoint:"), log=work / "fresh.log")
+    resumed = run_process(command, stop_when=lambda line, run: run.first_step is not None, log=work / "resume.log")
+    if fresh.first_step is None or resumed.first_step is None or not any("resume: from" in x for x in resumed.lines):
+        raise RuntimeError("start-up runs did not reach a training step:\n" + "\n".join(resumed.lines[-30:]))
+    return {"fresh": fresh.first_step, "resume": resumed.first_step}
+
+
+def steady_epoch_seconds(run: Run, phase: str) -> float | None:
+    """Median seconds from one epoch's start to the next's, skipping the first (tracing).
+
+    Epoch start to epoch start includes training, validation and the checkpoint:
+    the end-to-end cost of an epoch of that phase.
+    """
+    starts = [e["start"] for e in run.phase_epochs(phase)]
+    gaps = [b - a for a, b in pairwise(starts[1:])]
+    return median(gaps) if gaps else None
+
+
+def epoch_breakdown(run: Run, phase: str) -> dict | None:
+    """Median seconds of an epoch's parts, skipping the first epoch (tracing).
+
+    start: fit's set-up until the first step is done; train: the remaining
+    steps; validation; between: from the end of fit to the next epoch's start
+    (the checkpoint's snapshot, the next fit's preparations).
+    """
+    epochs = run.phase_epochs(phase)[1:]
+    if len(epochs) < 2:
+        return None
+    parts = {"start": [e["first_step"] - e["start"] for e in epochs],
+             "train": [e["last_step"] - e["first_step"] for e in epochs],
+             "validation": [e["end"] - e["last_step"] for e in epochs],
+             "between": [b["start"] - a["end"] for a, b in pairwise(epochs)]}
+    return {**{k: median(v) for k, v in parts.items()}, "steps": epochs[0]["steps"]}

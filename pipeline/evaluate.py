@@ -1,0 +1,89 @@
+"""`python -m pipeline.evaluate MODEL DIR`: score a trained model on a class-per-folder tree.
+
+DIR holds one folder per class (`DIR/<class>/*.jpg`, as training's
+validation/). Prints accuracy and per-class precision, recall and F1, and
+writes the confusion matrix as text and as a PNG. A folder whose name the
+model does not know is an error naming it; images that cannot be read are
+listed and left out of the scores.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .command import CommandError, run_command, start_tensorflow
+from .model_file import ModelInfo, load_model, read_model_info
+
+OUT = Path("evaluation")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="the final model file (.h5) that training saved")
+    parser.add_argument("dir", metavar="DIR", help="a folder with one subfolder of images per class")
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help=f"where the confusion matrix files go (default {OUT}/)")
+    return parser.parse_args(argv)
+
+
+def class_folders(root: Path, info: ModelInfo) -> list[Path]:
+    """The class folders of `root`, each named as a class the model knows."""
+    if not root.is_dir():
+        raise CommandError(f"{root} is not a folder; expected {root}/<class>/<images>")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise CommandError(f"{root} has no class folders; expected {root}/<class>/<images>")
+    unknown = [p.name for p in folders if p.name not in info.class_names]
+    if unknown:
+        raise CommandError(f"class folder(s) in {root} that the model {info.path} does not know: "
+                           f"{', '.join(unknown)} (it knows {', '.join(info.class_names)})")
+    return folders
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    info = read_model_info(args.model)
+    folders = class_folders(Path(args.dir), info)
+    start_tensorflow()
+    from .inference import find_images, label_files
+    from .metrics import confusion_matrix, format_confusion, format_scores
+    from .plots import draw_confusion
+
+    truth = {path: info.class_names.index(folder.name) for folder in folders for path in find_images(folder)}
+    if not truth:
+        raise CommandError(f"no images in the class folders of {args.dir} "
+                           "(images are found by extension: .jpg .jpeg .png .bmp .ppm .tif .tiff)")
+    model = load_model(info)
+    true, predicted, unreadable = [], [], []
+    for result in label_files(model, truth, info.image_size, info.interpolation, info.max_pixels):
+        if result.error:
+            unreadable.append(f"{result.path}: {result.error}")
+        else:
+            true.append(truth[result.path])
+            predicted.append(int(np.argmax(result.probabilities)))
+    for line in unreadable:
+        print(f"warning: skipped {line}", file=sys.stderr)
+    if not true:
+        raise CommandError(f"none of the {len(truth)} images in {args.dir} could be read")
+    matrix = confusion_matrix(np.array(true), np.array(predicted), len(info.class_names))
+    scores = format_scores(matrix, info.class_names)
+    table = format_confusion(matrix, info.class_names)
+    print(f"{len(true)} images of {args.dir} ({len(folders)} class folders), model {info.path}")
+    print(scores)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = args.out / "confusion_matrix.txt"
+    text.write_text(f"model {info.path}\ndata {args.dir}\n{scores}\n\n{table}\n")
+    png = draw_confusion(matrix, info.class_names, args.out / "confusion_matrix.png", f"{Path(args.dir).name}")
+    print(f"written: {text}, {png}")
+    return 0
+
+
+def main(argv=None) -> None:
+    run_command(lambda: evaluate(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The run report: report.md, curves.png and confusion_matrix.png in the run's output folder.
+
+Written once the final model is saved: the data and its class balance, the
+phases, the best epoch, the final metrics, and the confusion matrix of the
+final model on the validation set, which it predicts here with the
+validation batches training used (so the matrix's accuracy is the last
+epoch's val_accuracy). The curves come from history.csv (history.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .checkpoint import TrainState
+from .config import Config
+from .data import DataSet, validation_batches
+from .history import HISTORY, TENSORBOARD, read_history
+from .inference import predict_batch
+from .metrics import CORNER, accuracy, class_scores, confusion_matrix
+from .model import resolve_unfreeze_after
+from .plots import draw_confusion, draw_curves
+
+REPORT = "report.md"
+CURVES = "curves.png"
+CONFUSION = "confusion_matrix.png"
+
+
+def write_run_report(report_dir: Path, cfg: Config, data: DataSet, model: keras.Model, state: TrainState,
+                     last_logs: dict) -> Path:
+    """Draw the figures and write report.md; print where it is."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    rows = read_history(report_dir / HISTORY)
+    draw_curves(rows, report_dir / CURVES)
+    matrix = validation_confusion(model, data, cfg)
+    draw_confusion(matrix, data.class_names, report_dir / CONFUSION, "validation set, final model")
+    path = report_dir / REPORT
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(render_report(report_dir, cfg, data, state, last_logs, rows, matrix))
+    os.replace(tmp, path)
+    print(f"report: {path} (+ {CURVES}, {CONFUSION}, {HISTORY}, {TENSORBOARD}/)", flush=True)
+    return path
+
+
+def write_missing_report(report_dir: Path, cfg: Config, data: DataSet, state: TrainState, last_logs: dict) -> None:
+    """For a run found already complete: the report, from the saved model, if its own run did not get to write it
+    (killed after the final save, or a new output folder). An existing report is left as it is."""
+    if (Path(report_dir) / REPORT).exists():
+        return
+    model = keras.models.load_model(cfg.model.save_path, compile=False)
+    write_run_report(report_dir, cfg, data, model, state, last_logs)
+
+
+def validation_confusion(model: keras.Model, data: DataSet, cfg: Config) -> np.ndarray:
+    batches = validation_batches(data, cfg.data)
+    predicted = np.concatenate([np.argmax(predict_batch(model, batches[i][0]), axis=1)
+                                for i in range(len(batches))])
+    return confusion_matrix(data.validation.labels, predicted, len(data.class_names))
+
+
+def render_report(report_dir: Path, cfg: Config, data: DataSet, state: TrainState, last_logs: dict,
+                  rows: list[dict], matrix: np.ndarray) -> str:
+    sections = [
+        f"# Run report: {report_dir.name}\n\nWritten {time.strftime('%Y-%m-%d %H:%M')}.",
+        data_section(cfg, data),
+        phases_section(cfg, rows),
+        result_section(cfg, state, last_logs, rows),
+        confusion_section(matrix, data.class_names),
+        files_section(report_dir, cfg),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def data_section(cfg: Config, data: DataSet) -> str:
+    n = len(data.class_names)
+    train, val = data.train.counts(n), data.validation.counts(n)
+    source = (f"Training images from `{data.train.source}`, validation images from `{data.validation.source}`, "
+              f"at {cfg.data.image_size} px.")
+    lines = ["## Data", "", source, "",
+             "| class | train | share | validation |", "| --- | ---: | ---: | ---: |"]
+    total = sum(train)
+    lines += [f"| {name} | {t} | {t / total:.0%} | {v} |" for name, t, v in zip(data.class_names, train, val)]
+    lines.append(f"| **total** | **{total}** | | **{sum(val)}** |")
+    smallest = min(train)
+    ratio = max(train) / smallest if smallest else float("inf")
+    balance = "balanced" if ratio <= 1.5 else "imbalanced: accuracy alone flatters the larger classes"
+    lines += ["", f"Class balance (largest / smallest training class): {ratio:.2f}, {balance}."]
+    return "\n".join(lines)
+
+
+def phases_section(cfg: Config, rows: list[dict]) -> str:
+    unfreeze = resolve_unfreeze_after(cfg.train.finetune.unfreeze_after, cfg.model.weights is not None)
+    weights = cfg.model.weights if cfg.model.weights is not None else "none (random init)"
+    lines = ["## Phases", "", f"InceptionV3, weights {weights}, dropout {cfg.model.dropout}.", "",
+             "| phase | epochs | optimizer | learning rate | schedule | trains | seconds |",
+             "| --- | ---: | --- | ---: | --- | --- | ---: |"]
+    for name in ("head", "finetune"):
+        phase = getattr(cfg.train, name)
+        if phase.epochs == 0:
+            continue
+        trains = "the head (base frozen)" if name == "head" else (
+            f"layers after {unfreeze}" if unfreeze else "the whole network")
+        seconds = sum(r["seconds"] for r in rows if r["phase"] == name and not math.isnan(r["seconds"]))
+        lines.append(f"| {name} | {phase.epochs} | {phase.optimizer} | {phase.lr:g} | {phase.schedule} "
+                     f"| {trains} | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def result_section(cfg: Config, state: TrainState, last_logs: dict, rows: list[dict]) -> str:
+    monitor = cfg.checkpoint.monitor
+    epoch = best_epoch(rows, monitor, state.best)
+    at = f" at epoch {epoch}" if epoch else ""
+    best = "n/a" if state.best is None else f"{state.best:.4f}"
+    lines = ["## Result", "", f"- epochs trained: {state.epoch}",
+             f"- best {monitor}: {best}{at} (checkpoint `{state.best_stem}`)",
+             "- final: " + ", ".join(f"{k} {fmt(last_logs.get(k))}"
+                                     for k in ("loss", "accuracy", "val_loss", "val_accuracy"))]
+    resumes = [r for r in rows if r["resumed_from"]]
+    if resumes:
+        lines.append("- resumed: " + "; ".join(f"from `{r['resumed_from']}` (after {r['resumed_at']:g} epochs)"
+                                               for r in resumes))
+    return "\n".join(lines)
+
+
+def best_epoch(rows: list[dict], monitor: str, best: float | None) -> int | None:
+    """The epoch whose logged value is the best one (history.csv keeps every digit, so equality holds)."""
+    if best is None:
+        return None
+    return next((r["epoch"] for r in rows if r.get(monitor) == best), None)
+
+
+def confusion_section(matrix: np.ndarray, names: list[str]) -> str:
+    scores = class_scores(matrix)
+    summary = (f"Accuracy {accuracy(matrix):.4f} ({int(np.trace(matrix))} of {int(matrix.sum())}); "
+               "rows are the true class, columns the predicted one.")
+    lines = ["## Validation confusion matrix (final model)", "", summary, "",
+             f"| {CORNER} | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    lines += [f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |" for name, row in zip(names, matrix)]
+    lines += ["", "| class | precision | recall | F1 | images |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {scores.precision[i]:.3f} | {scores.recall[i]:.3f} | {scores.f1[i]:.3f} "
+              f"| {int(scores.support[i])} |" for i, name in enumerate(names)]
+    lines += ["", f"![confusion matrix]({CONFUSION})"]
+    return "\n".join(lines)
+
+
+def files_section(report_dir: Path, cfg: Config) -> str:
+    model = Path(cfg.model.save_path)
+    lines = ["## Files", "", f"![training curves]({CURVES})", "",
+             f"- model: `{model}` (metadata: `{model.with_suffix('.json')}`)",
+             f"- checkpoints: `{cfg.checkpoint.dir}/`",
+             f"- history, one row per epoch: `{report_dir / HISTORY}`",
+             f"- curves: `{report_dir / CURVES}`; confusion matrix: `{report_dir / CONFUSION}`",
+             f"- TensorBoard logs: `{report_dir / TENSORBOARD}/` (`make tensorboard`)"]
+    return "\n".join(lines)
+
+
+def fmt(value) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"

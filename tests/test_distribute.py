@@ -1,0 +1,167 @@
+"""Multi-worker training: TF_CONFIG, how a global batch is split, and two real
+local workers that are killed with SIGKILL and resumed by the same command."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from conftest import REPO, SMOKE, cli_env, run_args, run_cli
+from pipeline.cluster import check_tf_config, read_worker_role
+from pipeline.config import ConfigError, DistributeConfig, imply_multi_worker, validate_distribute
+from pipeline.data import read_dataset, train_batches
+from pipeline.local_workers import quote
+
+
+def tf_config(index, workers=2, task_type="worker"):
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{2000 + i}" for i in range(workers)]},
+                       "task": {"type": task_type, "index": index}})
+
+
+@pytest.mark.parametrize("index, chief", [(0, True), (1, False), (2, False)])
+def test_worker_zero_is_the_chief(monkeypatch, index, chief):
+    monkeypatch.setenv("TF_CONFIG", tf_config(index, workers=3))
+    role = read_worker_role()
+    assert (role.index, role.count, role.is_chief) == (index, 3, chief)
+
+
+@pytest.mark.parametrize("value, words", [
+    (None, "needs TF_CONFIG"),
+    ("{not json", "not a valid cluster description"),
+    (json.dumps({"cluster": {}}), "not a valid cluster description"),
+    (tf_config(5), "does not list"),
+])
+def test_bad_tf_config_is_refused_with_the_remedy(monkeypatch, value, words):
+    if value is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", value)
+    with pytest.raises(ConfigError, match=words):
+        check_tf_config(DistributeConfig(strategy="multi_worker"))
+
+
+def test_local_workers_alone_mean_multi_worker_and_refuse_mirrored():
+    dist = DistributeConfig(local_workers=2)
+    assert imply_multi_worker(dist) and dist.strategy == "multi_worker"
+    validate_distribute(dist)
+    with pytest.raises(ConfigError, match="distribute.local_workers=2"):
+        validate_distribute(DistributeConfig(strategy="mirrored", local_workers=2))
+
+
+@pytest.mark.parametrize("batch_size, parts", [(4, 2), (4, 3), (5, 2), (1, 2)])
+def test_a_global_batch_is_split_into_equal_weighted_parts(tiny_data, batch_size, parts):
+    from pipeline.config import DataConfig
+
+    cfg = DataConfig(dir=str(tiny_data), image_size=75, batch_size=batch_size, workers=0)
+    data = read_dataset(cfg)
+    batches = train_batches(data, cfg, seed=3, epoch=1)
+    for batch in range(batches.batches_per_epoch):
+        whole_x, whole_y = batches[batch]
+        shards = [batches.shard(batch, part, parts) for part in range(parts)]
+        assert len({len(x) for x, _, _ in shards}) == 1, "every replica gets the same batch size"
+        real_x = np.concatenate([x[w > 0] for x, _, w in shards])
+        real_y = np.concatenate([y[w > 0] for _, y, w in shards])
+        # The weighted images are exactly the single-process batch, in order.
+        np.testing.assert_array_equal(real_x, whole_x)
+        np.testing.assert_array_equal(real_y, whole_y)
+
+
+@pytest.mark.parametrize("path", ["/tmp/a b/c", "outputs/data.dir=_x,experiment=smoke", "it's\\odd"])
+def test_quoted_paths_survive_hydra_override_parsing(path):
+    override = OverridesParser.create().parse_overrides([f"hydra.run.dir={quote(path)}"])[0]
+    assert override.value() == path
+
+
+def test_multi_worker_without_tf_config_fails_fast(tmp_path, tiny_data):
+    env = cli_env()
+    env.pop("TF_CONFIG", None)
+    result = run_cli(*run_args(tmp_path, tiny_data, "distribute=multi_worker"), cwd=REPO, env=env, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "needs TF_CONFIG" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+def child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (dead, not yet reaped by its new parent) counts as gone.
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+
+
+@pytest.mark.e2e
+def test_two_local_workers_killed_with_sigkill_resume_and_finish(tmp_path, tiny_data):
+    """2 workers train the tiny config; SIGKILL after the first checkpoint; the same
+    command resumes from it, finishes, and only the chief wrote checkpoints and the model."""
+    args = [*run_args(tmp_path, tiny_data, "distribute.local_workers=2"), *SMOKE]
+    command = [sys.executable, "-m", "pipeline", *args]
+    first = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    ckpt = tmp_path / "ckpt"
+    deadline = time.time() + 900
+    workers = []
+    while not list(ckpt.glob("*.manifest.json")) and first.poll() is None and time.time() < deadline:
+        workers = child_pids(first.pid) or workers
+        time.sleep(0.5)
+    assert first.poll() is None, f"the run ended before its first checkpoint:\n{first.stdout.read()}"
+    assert len(workers) == 2, workers
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    # The workers die with their launcher: no orphan keeps training or holds a port.
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in workers), "worker processes outlived the killed launcher"
+
+    second = run_cli(*args, cwd=REPO, timeout=900)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out
+    assert "starting 2 local workers" in out and "resume: from checkpoint transfer_01" in out, out
+    assert "finetune epoch 1/1" in out
+
+    model_file = tmp_path / "model" / "final.h5"
+    meta = json.loads(model_file.with_suffix(".json").read_text())
+    assert meta["lineage"][0].startswith("transfer_01") and meta["final_checkpoint"].startswith("transfer_02")
+    # Only the chief's files: one set of three per checkpoint, nothing from worker 1.
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["final.h5", "final.json"]
+    written = sorted(p.name for p in ckpt.iterdir())
+    assert len(written) == 6 and all(p.startswith(("transfer_01-", "transfer_02-")) for p in written), written
+    assert (tmp_path / "outputs" / "worker-1.log").is_file()
+    loaded = subprocess.run([sys.executable, "-c", (
+        "import keras, numpy as np, sys; m = keras.models.load_model(sys.argv[1]); "
+        "p = m.predict(np.zeros((2, 75, 75, 3), 'float32'), verbose=0); "
+        "assert p.shape == (2, 3) and np.allclose(p.sum(1), 1, atol=1e-4); print('ok')"), str(model_file)],
+        capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert loaded.stdout.strip().endswith("ok"), loaded.stdout + loaded.stderr
+
+
+@pytest.mark.e2e
+def test_mirrored_strategy_trains_like_a_single_process(tmp_path, tiny_data):
+    """distribute=mirrored (one CPU replica here) goes through the same split feed and
+    must log the same first epoch as a plain run of the same configuration."""
+    def first_epoch_line(run_dir, *extra):
+        result = run_cli(*run_args(run_dir, tiny_data, "train.finetune.epochs=0", *extra), cwd=REPO)
+        assert result.returncode == 0, result.stdout + result.stderr
+        line = next(l for l in result.stdout.splitlines() if "val_accuracy:" in l)
+        return {k.strip(): float(v) for k, v in (part.split(":") for part in line.split(" - ")[3:])}
+
+    plain = first_epoch_line(tmp_path / "plain")
+    mirrored = first_epoch_line(tmp_path / "mirrored", "distribute=mirrored")
+    assert mirrored.keys() == plain.keys()
+    for key in plain:
+        assert mirrored[key] == pytest.approx(plain[key], abs=2e-4), (key, plain, mirrored)
+    assert (tmp_path / "mirrored" / "model" / "final.h5").is_file()
