@@ -3,7 +3,7 @@
 Measured: in one process, every InceptionV3 job left about 140 MB behind even
 after keras.backend.clear_session() and gc: TensorFlow keeps the traced
 training functions' captured variable handles (388 per model), so a 6-job
-sweep's last job peaked 69% above its first. A spawned child per job returns
+sweep's last job peaked 69% above its first. A fresh child process per job returns
 all of it to the system; the sweep process itself never starts TensorFlow.
 
 The child inherits the terminal, so its output reads as before. It dies with
@@ -12,9 +12,12 @@ the job checkpoints and stops as a single run does.
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
+import pickle
 import signal
+import subprocess
+import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -31,58 +34,57 @@ class JobPreempted(RuntimeError):
 
 
 def run_in_child(config, resume: Optional[bool], run_dir: Path) -> dict:
-    """train.run(config, resume, run_dir) in a spawned process; its outcome, or its error re-raised here."""
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=train_in_child, args=(config, resume, str(run_dir), sender), daemon=False)
-    child.start()
-    sender.close()
-    previous = {sig: signal.signal(sig, lambda signum, _f: child.is_alive() and forward(child, signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        kind, payload = receive(receiver)
-    finally:
-        child.join()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    """train.run(config, resume, run_dir) in a fresh `python -m pipeline.job_process`; its outcome,
+    or its error re-raised here.
+
+    A plain subprocess, not multiprocessing: inside a joblib (loky) worker,
+    multiprocessing's children inherit a start method they cannot load.
+    """
+    with tempfile.TemporaryDirectory(prefix="pipeline-job-") as scratch:
+        request, answer = Path(scratch) / "job.pickle", Path(scratch) / "result.pickle"
+        request.write_bytes(pickle.dumps((config, resume, str(run_dir))))
+        child = subprocess.Popen([sys.executable, "-m", "pipeline.job_process", str(request), str(answer)],
+                                 preexec_fn=die_with_parent)
+        previous = {sig: signal.signal(sig, lambda signum, _f: child.poll() is None and child.send_signal(signum))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            child.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        kind, payload = (pickle.loads(answer.read_bytes()) if answer.is_file()
+                         else ("crash", f"it ended with code {child.returncode} and no result (killed?)"))
     if kind == "ok":
         return payload
     if kind == "user_error":
         raise JobUserError(payload)
     if kind == "preempted":
         raise JobPreempted(payload)
-    raise RuntimeError(f"the job's process failed (exit code {child.exitcode}):\n{payload}")
+    raise RuntimeError(f"the job's process failed:\n{payload}")
 
 
-def forward(child, signum: int) -> None:
-    os.kill(child.pid, signum)
-
-
-def receive(receiver) -> tuple:
-    """The child's (kind, payload), or a crash if it died without sending one (killed, say)."""
-    try:
-        return receiver.recv()
-    except EOFError:
-        return "crash", "it ended without a result (killed?)"
-
-
-def train_in_child(config, resume: Optional[bool], run_dir: str, sender) -> None:
-    die_with_parent()
+def train_in_child(request: Path, answer: Path) -> None:
+    """The child's side: run the job, leave (kind, payload) in `answer`."""
     from .memory import peak_memory_mb
     from .quiet import import_tensorflow_quietly
 
+    config, resume, run_dir = pickle.loads(request.read_bytes())
     import_tensorflow_quietly()
     from .batch_saver import Preempted
     from .train import USER_ERRORS, run
 
     try:
-        outcome = run(config, resume, Path(run_dir))
-        sender.send(("ok", {**outcome, "peak_mb": peak_memory_mb()}))
+        result = ("ok", {**run(config, resume, Path(run_dir)), "peak_mb": peak_memory_mb()})
     except Preempted as err:
-        sender.send(("preempted", str(err)))
+        result = ("preempted", str(err))
     except USER_ERRORS as err:
-        sender.send(("user_error", str(err)))
-    except BaseException:  # noqa: BLE001 - everything else reaches the sweep with its traceback
-        sender.send(("crash", traceback.format_exc()))
-    finally:
-        sender.close()
+        result = ("user_error", str(err))
+    except Exception:  # everything else reaches the sweep with its traceback
+        result = ("crash", traceback.format_exc())
+    partial = answer.with_suffix(".partial")
+    partial.write_bytes(pickle.dumps(result))
+    os.replace(partial, answer)
+
+
+if __name__ == "__main__":
+    train_in_child(Path(sys.argv[1]), Path(sys.argv[2]))

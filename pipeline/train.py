@@ -144,10 +144,13 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
     strategy = make_strategy(cfg.distribute)
     role = read_worker_role() if cfg.distribute.strategy == "multi_worker" else WorkerRole()
     with scratch_folder(role) as scratch, strategy_scope(strategy):
+        out = cfg
+        if strategy:  # every worker must save in step with the others: no background writer
+            out = replace(out, checkpoint=replace(out.checkpoint, asynchronous=False))
         if scratch is None:
-            return train_and_save(cfg, cfg, resume, report_dir, strategy)
-        out = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=f"{scratch}/ckpt"),
-                      model=replace(cfg.model, save_path=f"{scratch}/model.h5"))
+            return train_and_save(cfg, out, resume, report_dir, strategy)
+        out = replace(out, checkpoint=replace(out.checkpoint, dir=f"{scratch}/ckpt"),
+                      model=replace(out.model, save_path=f"{scratch}/model.h5"))
         return train_and_save(cfg, out, resume, Path(scratch), strategy, read_only=True)
 
 
@@ -175,9 +178,6 @@ def train_and_save(cfg: Config, out: Config, resume: Optional[bool], report_dir:
         write_missing_report(report_dir, cfg, data, done.state, done.manifest.get("logs", {}))
         return summary.outcome(cfg, done.state, done.manifest.get("logs", {}), time.time() - started,
                                "already complete")
-    if strategy:  # every worker must save in step with the others: no background thread
-        out = replace(out, checkpoint=replace(out.checkpoint, asynchronous=False))
-        session.out = out
     session.writer = CheckpointWriter(out.checkpoint, session.fingerprint, model, prune_and_announce(out.checkpoint))
     restored = restore_newest_usable(plan, session.prepare)
     if restored:
