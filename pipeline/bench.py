@@ -74,15 +74,18 @@ def bench_runs(data_dir: Path, work: Path, args, results: dict) -> None:
         epoch_breakdown,
         run_classic,
         run_pipeline,
+        speed_overrides,
         steady_epoch_seconds,
     )
 
     plan, size = args.plan, args.image_size
     say(f"classic recipe: {plan['head_epochs']} head + {plan['finetune_epochs']} fine-tune epochs at {size} px ...")
     classic = run_classic(data_dir, size, plan["head_epochs"], plan["finetune_epochs"], work / "classic.log")
-    say(f"classic recipe:  {classic['seconds']:7.1f} s, last val_accuracy {classic['val_accuracy']:.3f}")
+    say(f"classic recipe:  {classic['seconds']:7.1f} s, last val_accuracy {classic['val_accuracy']:.3f} "
+        "(saving a full model every epoch and the final .h5, as the seed's script does)")
     pipeline = run_pipeline(data_dir, work / "pipeline_run", size, plan["head_epochs"], plan["finetune_epochs"])
-    say(f"pipeline:        {pipeline['seconds']:7.1f} s, last val_accuracy {pipeline['val_accuracy']:.3f}")
+    say(f"pipeline:        {pipeline['seconds']:7.1f} s, last val_accuracy {pipeline['val_accuracy']:.3f} "
+        f"({' '.join(o for o in speed_overrides(work) if 'cache_dir' not in o)})")
     say(f"  classic / pipeline wall time: {classic['seconds'] / pipeline['seconds']:.2f}x "
         f"(target >= 3x); accuracy difference {100 * (pipeline['val_accuracy'] - classic['val_accuracy']):+.1f} points")
     run = pipeline["run"]
@@ -111,19 +114,29 @@ def bench_model(data_dir: Path, args, results: dict) -> None:
     """Compute-bound rates on in-memory tensors, and the fine-tune phase's end-to-end share."""
     from .bench_rates import PHASES, model_rate
 
+    from .bench_runs import speed_overrides
+
     n_images = count_images(data_dir)
     for size in args.plan["sizes"]:
         for phase in ("head", "finetune"):
             rate = model_rate(3, size, args.batch_size, phase, args.plan["steps"])
             results[("model", size, phase)] = rate
             say(f"model alone, {size} px, {phase} phase ({PHASES[phase]}): {rate:6.1f} images/s (in-memory tensors)")
+    # What the pipeline's cached fine-tune phase actually trains, in the precision the bench runs it.
+    precision = next((o.split("=")[1] for o in speed_overrides(Path()) if o.startswith("train.precision=")), "float32")
+    cached = model_rate(3, args.image_size, args.batch_size, "finetune_cached", args.plan["steps"], precision)
+    say(f"model alone, {args.image_size} px, cached fine-tune phase ({PHASES['finetune_cached']}, {precision}): "
+        f"{cached:6.1f} images/s")
     for phase in ("head", "finetune"):
         compute = results.get(("model", args.image_size, phase))
         if compute and f"{phase}_epoch" in results:
             end_to_end, steps = n_images / results[f"{phase}_epoch"], results[f"{phase}_train_rate"]
-            say(f"  {phase} phase end to end {end_to_end:.1f} images/s = {end_to_end / compute:.0%} of compute-bound"
-                + (" (target >= 90%)" if phase == "finetune" else "")
+            say(f"  {phase} phase end to end {end_to_end:.1f} images/s = {end_to_end / compute:.0%} of the model's "
+                "compute-bound rate" + (" (target >= 90%)" if phase == "finetune" else "")
                 + f"; its training steps alone {steps:.1f} images/s = {steps / compute:.0%}")
+            if phase == "finetune":
+                say(f"  finetune phase end to end = {end_to_end / cached:.0%} of the cached phase's own compute-bound "
+                    f"rate; its training steps alone {steps / cached:.0%}")
 
 
 def bench_input(data_dir: Path, args, results: dict) -> None:

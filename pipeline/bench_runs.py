@@ -68,14 +68,33 @@ def run_process(command: list[str], stop_when: Callable[[str, Run], bool] = lamb
     return run
 
 
+def speed_overrides(work: Path) -> list[str]:
+    """The pipeline's speed options as the bench runs them (README: Speed)."""
+    # Feature caching: 2 augmented views, computed once (afresh, in this run's own folder)
+    # at mixed8 for both phases.
+    overrides = ["train.head.cached_views=2", "train.finetune.cached_views=2",
+                 "train.finetune.reuse_head_views=true", f"train.cache_dir={work / 'cache'}"]
+    if cpu_has_bf16():
+        overrides.append("train.precision=mixed_bfloat16")
+    return overrides
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), where mixed_bfloat16 pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pipeline_command(data_dir: Path, work: Path, image_size: int, head_epochs: int, finetune_epochs: int,
                      extra: tuple[str, ...] = ()) -> list[str]:
     """The pipeline's CLI as the classic recipe's equivalent: random init, fine-tuning after mixed8."""
     return [sys.executable, "-m", "pipeline.bench_probe", f"data.dir={data_dir}", "model.weights=null",
             f"data.image_size={image_size}", f"train.head.epochs={head_epochs}",
             f"train.finetune.epochs={finetune_epochs}", "train.finetune.unfreeze_after=mixed8",
-            # Feature caching (2 augmented views per phase), computed afresh in this run's own folder.
-            "train.head.cached_views=2", "train.finetune.cached_views=2", f"train.cache_dir={work / 'cache'}",
+            *speed_overrides(work),
             f"checkpoint.dir={work / 'ckpt'}", f"model.save_path={work / 'model' / 'final.h5'}",
             f"hydra.run.dir={work / 'outputs'}", *extra]
 
@@ -90,8 +109,10 @@ def run_pipeline(data_dir: Path, work: Path, image_size: int, head_epochs: int, 
 
 
 def run_classic(data_dir: Path, image_size: int, head_epochs: int, finetune_epochs: int, log: Path) -> dict:
+    """The classic recipe, saving as the seed's script does: a full model every epoch and the final .h5."""
     run = run_process([sys.executable, "-m", "pipeline.classic_recipe", str(data_dir), f"--image-size={image_size}",
-                       f"--head-epochs={head_epochs}", f"--finetune-epochs={finetune_epochs}"],
+                       f"--head-epochs={head_epochs}", f"--finetune-epochs={finetune_epochs}",
+                       f"--checkpoint-dir={log.parent / 'classic_ckpt'}"],
                       log=log)
     if run.returncode != 0:
         raise RuntimeError("the classic recipe failed:\n" + "\n".join(run.lines[-30:]))

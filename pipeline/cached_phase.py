@@ -22,6 +22,7 @@ from .data import DataSet, train_batches, validation_batches
 from .feature_cache import (
     Features,
     compute_features,
+    derive_features,
     digest_weights,
     load_or_compute,
     make_key,
@@ -66,23 +67,60 @@ def make_feed(model: keras.Model, data: DataSet, cfg: Config, phase: str, first_
 
     `first_epoch` is the phase's first overall epoch: cached view v stands for
     epoch first_epoch + v, the augmentation an uncached run would draw then.
+    With train.finetune.reuse_head_views both phases use the head phase's
+    views (epochs 0..K-1): one pass to the unfreeze point serves both.
     """
     views = getattr(cfg.train, phase).cached_views
     if views == 0:
         return Feed(phase, model, lambda epoch, start: train_batches(data, cfg.data, cfg.train.seed, epoch, start),
                     validation_batches(data, cfg.data))
+    reuse = cfg.train.finetune.reuse_head_views
+    # The head phase comes first, so with reuse its epochs 0..K-1 name the views.
+    view_start = 0 if reuse else first_epoch
+    view_epochs = list(range(view_start, view_start + views))
     cut = HEAD_CUT if phase == "head" else unfreeze_after
     lower, upper = split_at(model, cut)
-    view_epochs = list(range(first_epoch, first_epoch + views))
-    key = make_key(data, cfg.data, cfg.train.seed, cut, view_epochs, digest_weights(lower))
-    features = load_or_compute(Path(cfg.train.cache_dir), key, lambda scratch: announce_and_compute(
-        lower, data, cfg, view_epochs, scratch, cut))
-    if features.reused:
-        print(f"feature cache: reusing {features.folder} ({views} views at {cut})", flush=True)
+    if phase == "head" and reuse:
+        features = pooled_from_cut(model, data, cfg, view_epochs, unfreeze_after)
+    else:
+        features = cached_features(lower, data, cfg, cut, view_epochs)
     share_compilation(upper, model)
     return Feed(phase, upper, lambda epoch, start: cached_train(features, data, cfg, epoch, first_epoch, start),
                 CachedBatches(features.validation, data.validation.labels, len(data.class_names),
                               cfg.data.batch_size, np.arange(len(data.validation.filepaths))))
+
+
+def cached_features(lower: keras.Model, data: DataSet, cfg: Config, cut: str, view_epochs: list[int]) -> Features:
+    """`lower`'s output for every view and validation image, from the cache or computed into it."""
+    key = make_key(data, cfg.data, cfg.train.seed, cut, view_epochs, digest_weights(lower))
+    features = load_or_compute(Path(cfg.train.cache_dir), key, lambda scratch: announce_and_compute(
+        lower, data, cfg, view_epochs, scratch, cut))
+    if features.reused:
+        print(f"feature cache: reusing {features.folder} ({len(view_epochs)} views at {cut})", flush=True)
+    return features
+
+
+def pooled_from_cut(model: keras.Model, data: DataSet, cfg: Config, view_epochs: list[int], cut: str) -> Features:
+    """The head phase's pooled features, derived from the fine-tune cut's cached features.
+
+    The layers between the cut and the pooling are frozen in the head phase, so
+    running them on the cut's features (inference mode, as predict does) gives
+    the pooled output; the fine-tune phase then finds the cut's entry ready.
+    Keyed apart from directly computed pooled features: the two routes may
+    differ in the last bits.
+    """
+    below, _ = split_at(model, cut)
+    at_cut = cached_features(below, data, cfg, cut, view_epochs)
+    between = keras.Model(*pooled_above(model, cut), name="cached_between")
+    pooled, _ = split_at(model, HEAD_CUT)
+    derived_cut = f"{HEAD_CUT}_from_{cut}"
+    key = make_key(data, cfg.data, cfg.train.seed, derived_cut, view_epochs, digest_weights(pooled))
+
+    def derive(scratch: Path) -> None:
+        print(f"feature cache: pooling the {len(view_epochs)} view(s) at {cut} for the head phase", flush=True)
+        derive_features(between, at_cut, scratch)
+
+    return load_or_compute(Path(cfg.train.cache_dir), key, derive)
 
 
 def announce_and_compute(lower: keras.Model, data: DataSet, cfg: Config, view_epochs: list[int],
@@ -122,18 +160,25 @@ def split_at(model: keras.Model, cut: str) -> tuple[keras.Model, keras.Model]:
         x = inputs
     else:
         base = base_of(model)
-        try:
-            below = keras.Model(base.input, base.get_layer(cut).output)
-            above = keras.Model(base.get_layer(cut).output, base.output, name="above_" + cut)
-        except ValueError as err:  # Keras: "Graph disconnected", layers above also read earlier tensors
-            raise ConfigError(f"train.finetune.unfreeze_after={cut!r}: the layers above it also read "
-                             f"tensors from below it, so its output alone cannot be cached ({err}); "
-                             "use a block end such as mixed7 or mixed8") from None
+        below = keras.Model(base.input, base.get_layer(cut).output)
         lower = keras.Model(pixels, below(model.get_layer("inception_scaling")(pixels)), name="cached_lower")
-        inputs = keras.Input(lower.output.shape[1:], name="cached_features")
-        x = model.get_layer(HEAD_CUT)(above(inputs))
+        inputs, x = pooled_above(model, cut)
     outputs = model.get_layer("predictions")(model.get_layer("dropout")(x))
     return lower, keras.Model(inputs, outputs, name="cached_upper")
+
+
+def pooled_above(model: keras.Model, cut: str):
+    """(input, pooled output): a new input shaped like base layer `cut`'s output, and the model's
+    own layers above it up to the pooling, applied to it."""
+    base = base_of(model)
+    try:
+        above = keras.Model(base.get_layer(cut).output, base.output, name="above_" + cut)
+    except ValueError as err:  # Keras: "Graph disconnected", layers above also read earlier tensors
+        raise ConfigError(f"train.finetune.unfreeze_after={cut!r}: the layers above it also read "
+                          f"tensors from below it, so its output alone cannot be cached ({err}); "
+                          "use a block end such as mixed7 or mixed8") from None
+    inputs = keras.Input(base.get_layer(cut).output.shape[1:], name="cached_features")
+    return inputs, model.get_layer(HEAD_CUT)(above(inputs))
 
 
 def share_compilation(upper: keras.Model, full: keras.Model) -> None:

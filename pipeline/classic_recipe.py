@@ -5,10 +5,15 @@ the Keras blog's small-data tutorial: ImageDataGenerator with augmentation fed
 straight into fit(), InceptionV3 with a frozen base and a new head (pooling,
 Dense 1024 relu, softmax) trained with rmsprop, then everything after `mixed8`
 (the top two inception blocks) unfrozen and fine-tuned with SGD(1e-4, momentum
-0.9). No checkpoints, no determinism settings, no image check: only training.
-`weights=None` because the bench runs offline; the recipe is otherwise as written.
+0.9). No determinism settings, no image check, no resume. With
+`--checkpoint-dir` it also saves as the users' own script does (the seed note):
+a full-model `ModelCheckpoint` every epoch (Keras 3's spelling of the seed's
+`transfer_{epoch:02d}-{val_acc:.2f}.ckpt`, `period=1`) and a final
+`model.save(...h5)`. `weights=None` because the bench runs offline; the recipe
+is otherwise as written.
 
     python -m pipeline.classic_recipe DATA_DIR [--image-size 150] [--head-epochs 10] [--finetune-epochs 5]
+                                               [--checkpoint-dir DIR]
 
 Prints one JSON line: seconds inside the script, last validation accuracy.
 """
@@ -35,6 +40,7 @@ def parse_args(argv):
     parser.add_argument("--head-epochs", type=int, default=10)
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--checkpoint-dir", help="save a full model every epoch here, and the final .h5 beside it")
     return parser.parse_args(argv)
 
 
@@ -72,7 +78,14 @@ def train_classic(args) -> dict:
     for layer in base.layers:
         layer.trainable = False
     model.compile(optimizer="rmsprop", loss="categorical_crossentropy", metrics=["accuracy"])
-    history = model.fit(train, epochs=args.head_epochs, validation_data=validation, verbose=2)
+    callbacks = []
+    if args.checkpoint_dir:
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        callbacks.append(tf.keras.callbacks.ModelCheckpoint(
+            os.path.join(args.checkpoint_dir, "transfer_{epoch:02d}-{val_accuracy:.2f}.keras"),
+            monitor="val_accuracy", save_weights_only=False, mode="auto", save_freq="epoch"))
+    history = model.fit(train, epochs=args.head_epochs, validation_data=validation, callbacks=callbacks,
+                        verbose=2)
     if args.finetune_epochs:
         names = [layer.name for layer in base.layers]
         top = names.index("mixed8") + 1
@@ -80,7 +93,10 @@ def train_classic(args) -> dict:
             layer.trainable = True
         model.compile(optimizer=SGD(learning_rate=1e-4, momentum=0.9), loss="categorical_crossentropy",
                       metrics=["accuracy"])
-        history = model.fit(train, epochs=args.finetune_epochs, validation_data=validation, verbose=2)
+        history = model.fit(train, initial_epoch=args.head_epochs, epochs=args.head_epochs + args.finetune_epochs,
+                            validation_data=validation, callbacks=callbacks, verbose=2)
+    if args.checkpoint_dir:
+        model.save(os.path.join(args.checkpoint_dir, "my_saved_InceptionV3_model.h5"))
     return {"val_accuracy": float(history.history["val_accuracy"][-1])}
 
 

@@ -61,6 +61,7 @@ class PhaseConfig:
 @dataclass
 class FinetuneConfig(PhaseConfig):
     unfreeze_after: str = "auto"
+    reuse_head_views: bool = False
 
 
 @dataclass
@@ -211,6 +212,7 @@ def validate(config: Config) -> None:
     at_least("train.threads", t.threads, 0)
     one_of("train.precision", t.precision, PRECISIONS)
     validate_finetune_cache(t.finetune, m.weights)
+    validate_reused_views(t)
     if t.head.epochs + t.finetune.epochs == 0:
         raise ConfigError("train.head.epochs and train.finetune.epochs are both 0: nothing to train")
     one_of("checkpoint.format", c.format, CHECKPOINT_FORMATS)
@@ -244,6 +246,21 @@ def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None) -> No
             f"train.finetune.unfreeze_after={finetune.unfreeze_after!r} trains the whole base"
             + (" (auto means none with model.weights=null)" if finetune.unfreeze_after == "auto" else "")
             + "; set train.finetune.unfreeze_after=mixed8 (or another layer), or train.finetune.cached_views=0")
+
+
+def validate_reused_views(t: TrainConfig) -> None:
+    """Reusing the head phase's views needs both phases cached with the same number of views."""
+    if not t.finetune.reuse_head_views:
+        return
+    if not (t.head.epochs and t.head.cached_views and t.finetune.cached_views):
+        raise ConfigError("train.finetune.reuse_head_views=true trains the fine-tune phase on the head phase's "
+                          "cached views, so it needs train.head.epochs, train.head.cached_views and "
+                          "train.finetune.cached_views all above 0 (they are "
+                          f"{t.head.epochs}, {t.head.cached_views} and {t.finetune.cached_views})")
+    if t.head.cached_views != t.finetune.cached_views:
+        raise ConfigError(f"train.finetune.reuse_head_views=true: train.finetune.cached_views="
+                          f"{t.finetune.cached_views} must equal train.head.cached_views={t.head.cached_views}, "
+                          "since one pass computes the same views for both phases")
 
 
 def validate_weights(weights: Optional[str]) -> None:

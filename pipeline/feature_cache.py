@@ -234,3 +234,29 @@ def predict_float32(extractor: keras.Model, batches: Batches) -> np.ndarray:
     # training=False is what predict does: frozen layers run BatchNorm on its moving statistics,
     # exactly as they do inside fit() when frozen.
     return np.asarray(extractor.predict(batches, verbose=0), dtype=np.float32)
+
+
+def derive_features(layers: keras.Model, source: Features, scratch: Path) -> None:
+    """Run `layers` (frozen, inference mode) over cached features: an entry for a higher cut from a lower one."""
+    shape = tuple(layers.output.shape[1:])
+    train = np.lib.format.open_memmap(scratch / "train.npy", mode="w+", dtype=np.float32,
+                                      shape=source.train.shape[:2] + shape)
+    for v in range(source.train.shape[0]):
+        train[v] = predict_arrays(layers, source.train[v])
+    train.flush()
+    del train
+    np.save(scratch / "validation.npy", predict_arrays(layers, source.validation))
+
+
+def predict_arrays(layers: keras.Model, features: np.ndarray) -> np.ndarray:
+    """`layers` over `features` in chunks of FEATURE_BATCH (predict_on_batch: no tf.data pipeline to start)."""
+    out = []
+    for start in range(0, len(features), FEATURE_BATCH):
+        chunk = np.asarray(features[start:start + FEATURE_BATCH])
+        short = FEATURE_BATCH - len(chunk)
+        # Padded to one shape so the function traces once, not again for the last chunk;
+        # in inference mode each row's result does not depend on the others.
+        if short:
+            chunk = np.concatenate([chunk, np.zeros((short,) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(layers.predict_on_batch(chunk), dtype=np.float32)[:FEATURE_BATCH - short])
+    return np.concatenate(out)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 import keras
 import numpy as np
@@ -31,13 +33,20 @@ CONFUSION = "confusion_matrix.png"
 
 
 def write_run_report(report_dir: Path, cfg: Config, data: DataSet, model: keras.Model, state: TrainState,
-                     last_logs: dict) -> Path:
-    """Draw the figures and write report.md; print where it is."""
+                     last_logs: dict, validation: Optional[tuple[keras.Model, Sequence]] = None) -> Path:
+    """Draw the figures and write report.md; print where it is.
+
+    `validation` is the (model, batches) pair the last phase validated with: for a
+    cached phase, the layers above the cut on the cached validation features, the
+    same function of the images without running the frozen layers again. By
+    default the full model predicts the validation images.
+    """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     rows = read_history(report_dir / HISTORY)
     draw_curves(rows, report_dir / CURVES)
-    matrix = validation_confusion(model, data, cfg)
+    scorer, batches = validation or (model, validation_batches(data, cfg.data))
+    matrix = validation_confusion(scorer, batches, len(data.class_names), data.validation.labels)
     draw_confusion(matrix, data.class_names, report_dir / CONFUSION, "validation set, final model")
     path = report_dir / REPORT
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -56,11 +65,10 @@ def write_missing_report(report_dir: Path, cfg: Config, data: DataSet, state: Tr
     write_run_report(report_dir, cfg, data, model, state, last_logs)
 
 
-def validation_confusion(model: keras.Model, data: DataSet, cfg: Config) -> np.ndarray:
-    batches = validation_batches(data, cfg.data)
+def validation_confusion(model: keras.Model, batches: Sequence, n_classes: int, labels: np.ndarray) -> np.ndarray:
     predicted = np.concatenate([np.argmax(predict_batch(model, batches[i][0]), axis=1)
                                 for i in range(len(batches))])
-    return confusion_matrix(data.validation.labels, predicted, len(data.class_names))
+    return confusion_matrix(labels, predicted, n_classes)
 
 
 def render_report(report_dir: Path, cfg: Config, data: DataSet, state: TrainState, last_logs: dict,

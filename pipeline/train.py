@@ -191,7 +191,9 @@ def train_and_save(cfg: Config, out: Config, resume: Optional[bool], report_dir:
     summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
     save_final(model, Path(out.model.save_path), final_metadata(session))
-    write_run_report(report_dir, out, data, model, session.state, session.last_logs)
+    feed = session.feed
+    write_run_report(report_dir, out, data, model, session.state, session.last_logs,
+                     (feed.model, feed.validation) if feed else None)
     return summary.print_closing(out, session.state, session.last_logs, time.time() - started)
 
 

@@ -17,12 +17,16 @@ import pytest
 from conftest import REPO, cli_env, run_args, run_cli
 from keras import layers
 
-from pipeline.data import load_image
+from pipeline.cached_phase import split_at
+from pipeline.config import DataConfig, ModelConfig
+from pipeline.data import load_image, read_dataset, validation_batches
+from pipeline.model import build_model
 
 pytestmark = pytest.mark.e2e
 # Head 2 epochs, then the top blocks (auto = mixed8 with a weights file) for 1 epoch.
 PHASES = ["train.head.epochs=2", "train.finetune.epochs=1"]
 CACHED = ["train.head.cached_views=2", "train.finetune.cached_views=1"]
+REUSED = ["train.head.cached_views=1", "train.finetune.cached_views=1", "train.finetune.reuse_head_views=true"]
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +114,30 @@ def test_mixed_bfloat16_checkpoints_resume_and_its_final_model_loads(tmp_path, t
                          capture_output=True, text=True, env=cli_env(), timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-3:] == ["float32", "float32", "1.0"]
+
+
+def test_reused_views_cost_one_pass_for_both_phases_and_resume(tmp_path, tiny_data, calibrated_weights):
+    args = args_for(tmp_path, tiny_data, calibrated_weights, *REUSED)
+    killed = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_KILL_AT="after_manifest#2"))  # the head phase is done
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert killed.stdout.count("feature cache: computing") == 1, killed.stdout
+    assert "feature cache: computing 1 view(s) of 12 training and 6 validation images at mixed8" in killed.stdout
+    assert "feature cache: pooling the 1 view(s) at mixed8 for the head phase" in killed.stdout
+    entries = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "cache").iterdir()}
+    assert sorted(entries) == ["mixed8", "pool_from_mixed8"]
+
+    # The pooled features derived from mixed8 are what the base's pooling puts out for the same images.
+    cfg = DataConfig(dir=str(tiny_data), image_size=75, batch_size=4, workers=0)
+    data = read_dataset(cfg)
+    model = build_model(ModelConfig(weights=str(calibrated_weights)), len(data.class_names), 75)
+    direct = split_at(model, "pool")[0].predict(validation_batches(data, cfg), verbose=0)
+    derived = np.load(entries["pool_from_mixed8"] / "validation.npy")
+    assert derived.shape == direct.shape == (6, 2048)
+    assert np.abs(derived - direct).max() <= 1e-4 * np.abs(direct).max()
+    assert np.abs(direct).max() > 0.1, "calibrated features are of order 1, so a wrong route would show"
+
+    resumed = run_cli(*args, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resume: from checkpoint transfer_02-" in resumed.stdout
+    assert "feature cache: computing" not in resumed.stdout
+    assert "feature cache: reusing" in resumed.stdout and "(1 views at mixed8)" in resumed.stdout

@@ -115,6 +115,7 @@ def test_speed_keys_default_to_off():
     config, _ = to_config(compose_config())
     assert config.train.precision == "float32" and config.train.cache_dir == "cache"
     assert config.train.head.cached_views == 0 and config.train.finetune.cached_views == 0
+    assert config.train.finetune.reuse_head_views is False
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -124,6 +125,11 @@ def test_speed_keys_default_to_off():
     # a whole-base fine-tune has no frozen part to cache; auto means none from random weights
     (["model.weights=null", "train.finetune.cached_views=2"], "train.finetune.unfreeze_after='auto' trains"),
     (["train.finetune.unfreeze_after=none", "train.finetune.cached_views=2"], "set train.finetune.unfreeze_after"),
+    # reusing the head phase's views needs both phases cached alike
+    (["train.finetune.reuse_head_views=true", "train.finetune.cached_views=2"],
+     "needs train.head.epochs, train.head.cached_views and train.finetune.cached_views all above 0 (they are 2, 0 and 2)"),
+    (["train.finetune.reuse_head_views=true", "train.head.cached_views=2", "train.finetune.cached_views=1"],
+     "train.finetune.cached_views=1 must equal train.head.cached_views=2"),
 ])
 def test_speed_keys_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
