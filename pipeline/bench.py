@@ -26,7 +26,7 @@ PARTS = ("runs", "startup", "input", "model", "checkpoint", "check")
 FULL = {"per_class": (150, 40), "head_epochs": 10, "finetune_epochs": 5, "sizes": [150, 299],
         "formats": ["keras", "h5", "weights_h5", "tf_checkpoint"], "steps": 10}
 QUICK = {"per_class": (50, 20), "head_epochs": 2, "finetune_epochs": 3, "sizes": [150],
-         "formats": ["keras"], "steps": 5}
+         "formats": ["h5"], "steps": 5}
 
 
 def parse_args(argv):

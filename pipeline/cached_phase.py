@@ -143,7 +143,8 @@ def cached_train(features: Features, data: DataSet, cfg: Config, epoch: int, fir
 def check_cached_cut(model: keras.Model, cfg: Config) -> None:
     """Refuse, before anything trains, an unfreeze point whose output alone cannot be cached."""
     finetune = cfg.train.finetune
-    if finetune.cached_views and finetune.epochs:
+    # With reuse_head_views the head phase itself computes at the unfreeze point.
+    if finetune.cached_views and (finetune.epochs or finetune.reuse_head_views):
         split_at(model, resolve_unfreeze_after(finetune.unfreeze_after, cfg.model.weights is not None))
 
 

@@ -79,14 +79,14 @@ class TrainConfig:
 class CheckpointConfig:
     dir: str = "ckpt"
     filename: str = "transfer_{epoch:02d}-{val_accuracy:.2f}"
-    format: str = "keras"
+    format: str = "h5"
     monitor: str = "val_accuracy"
     mode: str = "auto"
     save_best_only: bool = False
     every: int = 1
     every_batches: int = 0
     keep_last: int = 3
-    asynchronous: bool = False
+    asynchronous: bool = True
 
 
 @dataclass

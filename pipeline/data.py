@@ -273,7 +273,10 @@ class Batches(tf.keras.utils.PyDataset):
         return self.batches_per_epoch - self.start_batch
 
     def __getitem__(self, index: int):
-        picks = self.picks(index + self.start_batch)
+        return self.arrays(self.picks(index + self.start_batch))
+
+    def arrays(self, picks: np.ndarray):
+        """Pixels and one-hot labels of the images `picks` indexes, in that order."""
         x = np.stack([self.load(int(j)) for j in picks])
         y = np.eye(self.n_classes, dtype=np.float32)[self.split.labels[picks]]
         return x, y
@@ -291,8 +294,7 @@ class Batches(tf.keras.utils.PyDataset):
         size = -(-len(picks) // parts)
         mine = picks[part * size:(part + 1) * size]
         padded = np.concatenate([mine, np.repeat(picks[:1], size - len(mine))]).astype(int)
-        x = np.stack([self.load(int(j)) for j in padded])
-        y = np.eye(self.n_classes, dtype=np.float32)[self.split.labels[padded]]
+        x, y = self.arrays(padded)
         w = (np.arange(size) < len(mine)).astype(np.float32)
         return x.astype(np.float32), y, w
 

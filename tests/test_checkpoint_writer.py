@@ -97,7 +97,8 @@ KILLED_MID_WRITE = textwrap.dedent("""
     from pipeline.config import CheckpointConfig
 
     model = trained_model()
-    writer = CheckpointWriter(CheckpointConfig(dir=sys.argv[1], asynchronous=True), FINGERPRINT, model)
+    writer = CheckpointWriter(CheckpointConfig(dir=sys.argv[1], format="keras", asynchronous=True), FINGERPRINT,
+                              model)
     for epoch in (1, 2):
         writer.submit(model, f"epoch{epoch}", TrainState(phase_epoch=epoch, epoch=epoch), {})
         print(f"submitted {epoch}", flush=True)

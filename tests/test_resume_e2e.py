@@ -122,7 +122,7 @@ def test_sigterm_saves_at_the_next_batch_and_resumes_exactly(reference, tmp_path
 
 def copy_of_reference_checkpoints(reference, tmp_path):
     shutil.copytree(reference[0] / "ckpt", tmp_path / "ckpt")
-    return sorted((tmp_path / "ckpt").glob("*.keras"))
+    return sorted((tmp_path / "ckpt").glob("*.h5"))  # the default format
 
 
 def test_damaged_newest_checkpoint_is_named_and_the_previous_one_used(reference, tmp_path, tiny_data):
