@@ -81,7 +81,7 @@ def make_feed(model: keras.Model, data: DataSet, cfg: Config, phase: str, first_
     cut = HEAD_CUT if phase == "head" else unfreeze_after
     lower, upper = split_at(model, cut)
     if phase == "head" and reuse:
-        features = pooled_from_cut(model, data, cfg, view_epochs, unfreeze_after)
+        features = pooled_from_cut(model, lower, data, cfg, view_epochs, unfreeze_after)
     else:
         features = cached_features(lower, data, cfg, cut, view_epochs)
     share_compilation(upper, model)
@@ -100,8 +100,9 @@ def cached_features(lower: keras.Model, data: DataSet, cfg: Config, cut: str, vi
     return features
 
 
-def pooled_from_cut(model: keras.Model, data: DataSet, cfg: Config, view_epochs: list[int], cut: str) -> Features:
-    """The head phase's pooled features, derived from the fine-tune cut's cached features.
+def pooled_from_cut(model: keras.Model, pooled: keras.Model, data: DataSet, cfg: Config, view_epochs: list[int],
+                    cut: str) -> Features:
+    """The head phase's pooled features (`pooled`: pixels to the pooling), derived from the cut's cached features.
 
     The layers between the cut and the pooling are frozen in the head phase, so
     running them on the cut's features (inference mode, as predict does) gives
@@ -112,7 +113,6 @@ def pooled_from_cut(model: keras.Model, data: DataSet, cfg: Config, view_epochs:
     below, _ = split_at(model, cut)
     at_cut = cached_features(below, data, cfg, cut, view_epochs)
     between = keras.Model(*pooled_above(model, cut), name="cached_between")
-    pooled, _ = split_at(model, HEAD_CUT)
     derived_cut = f"{HEAD_CUT}_from_{cut}"
     key = make_key(data, cfg.data, cfg.train.seed, derived_cut, view_epochs, digest_weights(pooled))
 
