@@ -173,21 +173,35 @@ def read_dataset(cfg: DataConfig) -> DataSet:
                         f"{train_dir}/<class>/<images> (and optionally {val_dir}/<class>/...)")
     for folder in (train_dir, val_dir):
         check_link_cycles(folder)
+    classes = class_folders(train_dir)
     if val_dir.is_dir():
         augmenter = make_augmenter(cfg)
-        names, train = index_folder(augmenter, train_dir, cfg)
+        names, train = index_folder(augmenter, train_dir, cfg, classes=classes)
         check_validation_classes(names, val_dir)
         _, validation = index_folder(ImageDataGenerator(), val_dir, cfg, classes=names)
     else:
         # Same split fraction on both generators, so the two subsets are complementary.
         augmenter = make_augmenter(cfg, cfg.validation_split)
-        names, train = index_folder(augmenter, train_dir, cfg, subset="training")
+        names, train = index_folder(augmenter, train_dir, cfg, classes=classes, subset="training")
         _, validation = index_folder(ImageDataGenerator(validation_split=cfg.validation_split),
                                      train_dir, cfg, classes=names, subset="validation")
         validation.source = f"{train_dir} (held-out {cfg.validation_split:.0%})"
     check_layout(names, train, validation, root)
     warn_missing_validation(names, validation)
     return DataSet(names, train, validation, augmenter)
+
+
+def class_folders(train_dir: Path) -> list[str]:
+    """The class folders of train/, sorted as flow_from_directory sorts them (links followed).
+
+    Hidden folders (a name starting with '.') are not classes: they hold tool
+    state such as Jupyter's .ipynb_checkpoints. They are named and skipped.
+    """
+    folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    hidden = [name for name in folders if name.startswith(".")]
+    if hidden:
+        print(f"data: skipping hidden folder(s) in {train_dir}: {', '.join(hidden)} (not classes)", flush=True)
+    return [name for name in folders if not name.startswith(".")]
 
 
 def check_layout(names: list[str], train: Split, validation: Split, root: Path) -> None:
@@ -204,8 +218,9 @@ def check_layout(names: list[str], train: Split, validation: Split, root: Path) 
 
 def check_validation_classes(names: list[str], val_dir: Path) -> None:
     """Refuse a validation class that training does not have: its images would be silently unused."""
-    # Class folders are found the way flow_from_directory finds them: every folder, links followed.
-    extra = sorted(p.name for p in val_dir.iterdir() if p.is_dir() and p.name not in names)
+    # Class folders are found as in train/: every folder not hidden, links followed.
+    extra = sorted(p.name for p in val_dir.iterdir()
+                   if p.is_dir() and not p.name.startswith(".") and p.name not in names)
     if extra:
         raise DataError(f"class folder(s) in {val_dir} that {val_dir.parent / 'train'} does not have: "
                         f"{', '.join(extra)}; rename or remove them (the model can only learn classes in train/)")

@@ -24,6 +24,20 @@ def test_reads_train_and_validation_in_class_order(tiny_data):
             assert f"/{data.class_names[label]}/" in path
 
 
+def test_hidden_folders_are_not_classes(tmp_path, tiny_data, capsys):
+    # Jupyter leaves .ipynb_checkpoints beside the class folders, sometimes with image copies in it
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    for split in ("train", "validation"):
+        shutil.copytree(root / split / "circle", root / split / ".ipynb_checkpoints")
+    data = read_dataset(config(root))
+    assert data.class_names == ["circle", "square", "triangle"]
+    assert data.train.counts(3) == [4, 4, 4] and data.validation.counts(3) == [2, 2, 2]
+    assert not any("/." in path for path in data.train.filepaths + data.validation.filepaths)
+    out = capsys.readouterr().out
+    assert "skipping hidden folder(s)" in out and ".ipynb_checkpoints (not classes)" in out
+
+
 def test_validation_labels_follow_the_training_class_order(tmp_path, tiny_data):
     # validation/ holding only two of the classes must still label by train's order
     root = tmp_path / "d"
