@@ -26,6 +26,9 @@ ImageDataGenerator = tf.keras.preprocessing.image.ImageDataGenerator
 # The extensions flow_from_directory indexes (any case); other files are not data.
 INDEXED_EXTENSIONS = tuple("." + ext for ext in tf.keras.preprocessing.image.DirectoryIterator.white_list_formats)
 
+# Image files that flow_from_directory does not index: named in a warning rather than silently unused.
+UNINDEXED_IMAGE_EXTENSIONS = (".gif", ".webp", ".heic", ".heif", ".avif", ".jfif", ".jp2")
+
 # ImageDataGenerator.get_random_transform(seed=...) seeds NumPy's *global*
 # generator and then draws from it; two worker threads interleaving there would
 # swap each other's draws. The draw is cheap; the warp that follows runs unlocked.
@@ -188,6 +191,8 @@ def read_dataset(cfg: DataConfig) -> DataSet:
         validation.source = f"{train_dir} (held-out {cfg.validation_split:.0%})"
     check_layout(names, train, validation, root)
     warn_missing_validation(names, validation)
+    for folder in (train_dir, val_dir):
+        warn_unindexed_images(folder, names)
     return DataSet(names, train, validation, augmenter)
 
 
@@ -232,6 +237,22 @@ def warn_missing_validation(names: list[str], validation: Split) -> None:
     if missing:
         print(f"warning: no validation images for class(es) {', '.join(missing)} in {validation.source}; "
               "their accuracy is not measured (labels still follow train/'s class order)")
+
+
+def warn_unindexed_images(folder: Path, names: list[str]) -> None:
+    """Name image files in the class folders that training cannot read (.webp, .gif, ...), by extension."""
+    counts: dict[str, int] = {}
+    for name in names:
+        if (folder / name).is_dir():
+            for _, _, files in os.walk(folder / name, followlinks=True):
+                for file in files:
+                    ext = os.path.splitext(file)[1].lower()
+                    if ext in UNINDEXED_IMAGE_EXTENSIONS:
+                        counts[ext] = counts.get(ext, 0) + 1
+    if counts:
+        listed = ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items()))
+        print(f"warning: {sum(counts.values())} image file(s) in {folder} are not used ({listed}): training reads "
+              f"{' '.join(INDEXED_EXTENSIONS)}; convert them (e.g. to .png) to train on them", flush=True)
 
 
 def check_link_cycles(top: Path) -> None:

@@ -38,6 +38,19 @@ def test_hidden_folders_are_not_classes(tmp_path, tiny_data, capsys):
     assert "skipping hidden folder(s)" in out and ".ipynb_checkpoints (not classes)" in out
 
 
+def test_image_files_training_cannot_read_are_named(tmp_path, tiny_data, capsys):
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    (root / "train" / "circle" / "photo.webp").write_bytes(b"RIFF")
+    (root / "train" / "square" / "anim.GIF").write_bytes(b"GIF89a")
+    (root / "train" / "square" / "notes.txt").write_text("not an image")
+    data = read_dataset(config(root))
+    assert data.train.counts(3) == [4, 4, 4]
+    out = capsys.readouterr().out
+    assert f"warning: 2 image file(s) in {root / 'train'} are not used (1 .gif, 1 .webp)" in out
+    assert str(root / "validation") not in out
+
+
 def test_validation_labels_follow_the_training_class_order(tmp_path, tiny_data):
     # validation/ holding only two of the classes must still label by train's order
     root = tmp_path / "d"
