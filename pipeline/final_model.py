@@ -16,8 +16,7 @@ import h5py
 import keras
 
 from .checkpoint import fsync_dir, fsync_file, reach, write_json_atomic
-
-METADATA_ATTR = "pipeline_metadata"
+from .model_file import METADATA_ATTR  # one name for the attribute; model_file reads it without TensorFlow
 
 
 def metadata_path(model_path: Path) -> Path:

@@ -15,7 +15,7 @@ import h5py
 from .command import CommandError
 from .config import DataConfig
 
-# The attribute final_model.py writes (final_model imports TensorFlow; tests check the two agree).
+# The HDF5 attribute final_model.py writes the metadata into (defined here, where no TensorFlow is imported).
 METADATA_ATTR = "pipeline_metadata"
 FINAL_MODEL_HINT = "pass the final model that training saved (model.save_path, e.g. model/my_saved_InceptionV3_model.h5)"
 

@@ -109,7 +109,16 @@ def test_curves_and_confusion_matrix_are_real_pngs(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
-def test_model_file_reads_the_attribute_final_model_writes():
+def test_model_file_reads_the_attribute_final_model_writes(tmp_path):
+    import keras
+
     from pipeline import final_model, model_file
 
     assert model_file.METADATA_ATTR == final_model.METADATA_ATTR
+    inputs = keras.Input((4, 4, 3))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
+    path = tmp_path / "final.h5"
+    final_model.save_final(model, path, {"class_names": ["cat", "dog"], "image_size": 4})
+    path.with_suffix(".json").unlink()  # read from inside the file, not from the copy beside it
+    info = model_file.read_model_info(path)
+    assert info.class_names == ["cat", "dog"] and info.image_size == 4
