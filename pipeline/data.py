@@ -196,16 +196,16 @@ def read_dataset(cfg: DataConfig) -> DataSet:
     return DataSet(names, train, validation, augmenter)
 
 
-def class_folders(train_dir: Path) -> list[str]:
-    """The class folders of train/, sorted as flow_from_directory sorts them (links followed).
+def class_folders(split_dir: Path) -> list[str]:
+    """The class folders of train/ or validation/, sorted as flow_from_directory sorts them (links followed).
 
     Hidden folders (a name starting with '.') are not classes: they hold tool
     state such as Jupyter's .ipynb_checkpoints. They are named and skipped.
     """
-    folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     hidden = [name for name in folders if name.startswith(".")]
     if hidden:
-        print(f"data: skipping hidden folder(s) in {train_dir}: {', '.join(hidden)} (not classes)", flush=True)
+        print(f"data: skipping hidden folder(s) in {split_dir}: {', '.join(hidden)} (not classes)", flush=True)
     return [name for name in folders if not name.startswith(".")]
 
 
@@ -223,9 +223,7 @@ def check_layout(names: list[str], train: Split, validation: Split, root: Path) 
 
 def check_validation_classes(names: list[str], val_dir: Path) -> None:
     """Refuse a validation class that training does not have: its images would be silently unused."""
-    # Class folders are found as in train/: every folder not hidden, links followed.
-    extra = sorted(p.name for p in val_dir.iterdir()
-                   if p.is_dir() and not p.name.startswith(".") and p.name not in names)
+    extra = [name for name in class_folders(val_dir) if name not in names]
     if extra:
         raise DataError(f"class folder(s) in {val_dir} that {val_dir.parent / 'train'} does not have: "
                         f"{', '.join(extra)}; rename or remove them (the model can only learn classes in train/)")
