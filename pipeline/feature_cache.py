@@ -217,17 +217,23 @@ def compute_features(extractor: keras.Model, data: DataSet, cfg: DataConfig, see
     """
     n_classes, n = len(data.class_names), len(data.train.filepaths)
     cfg = replace(cfg, batch_size=FEATURE_BATCH)
-    shape = tuple(extractor.output.shape[1:])
-    train = np.lib.format.open_memmap(scratch / "train.npy", mode="w+", dtype=np.float32,
-                                      shape=(len(view_epochs), n) + shape)
-    for v, epoch in enumerate(view_epochs):
-        views = Batches(data.train, n_classes, cfg, seed, epoch, data.augmenter, shuffle=False)
-        train[v] = predict_float32(extractor, views)
+    write_entry(scratch, (len(view_epochs), n) + tuple(extractor.output.shape[1:]),
+                lambda v: predict_float32(extractor, Batches(data.train, n_classes, cfg, seed, view_epochs[v],
+                                                             data.augmenter, shuffle=False)),
+                lambda: predict_float32(extractor, Batches(data.validation, n_classes, cfg, seed=0, epoch=0,
+                                                           augmenter=None, shuffle=False)))
+
+
+def write_entry(scratch: Path, shape: tuple, view: Callable[[int], np.ndarray],
+                validation: Callable[[], np.ndarray]) -> None:
+    """train.npy (shape: views, images, features...) filled view by view, memory-mapped, then validation.npy."""
+    train = np.lib.format.open_memmap(scratch / "train.npy", mode="w+", dtype=np.float32, shape=shape)
+    for v in range(shape[0]):
+        train[v] = view(v)
         reach("cache_view_done")
     train.flush()
     del train
-    validation = Batches(data.validation, n_classes, cfg, seed=0, epoch=0, augmenter=None, shuffle=False)
-    np.save(scratch / "validation.npy", predict_float32(extractor, validation))
+    np.save(scratch / "validation.npy", validation())
 
 
 def predict_float32(extractor: keras.Model, batches: Batches) -> np.ndarray:
@@ -238,14 +244,8 @@ def predict_float32(extractor: keras.Model, batches: Batches) -> np.ndarray:
 
 def derive_features(layers: keras.Model, source: Features, scratch: Path) -> None:
     """Run `layers` (frozen, inference mode) over cached features: an entry for a higher cut from a lower one."""
-    shape = tuple(layers.output.shape[1:])
-    train = np.lib.format.open_memmap(scratch / "train.npy", mode="w+", dtype=np.float32,
-                                      shape=source.train.shape[:2] + shape)
-    for v in range(source.train.shape[0]):
-        train[v] = predict_arrays(layers, source.train[v])
-    train.flush()
-    del train
-    np.save(scratch / "validation.npy", predict_arrays(layers, source.validation))
+    write_entry(scratch, source.train.shape[:2] + tuple(layers.output.shape[1:]),
+                lambda v: predict_arrays(layers, source.train[v]), lambda: predict_arrays(layers, source.validation))
 
 
 def predict_arrays(layers: keras.Model, features: np.ndarray) -> np.ndarray:
