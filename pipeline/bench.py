@@ -113,8 +113,7 @@ def bench_startup(data_dir: Path, work: Path, args, results: dict) -> None:
 def bench_model(data_dir: Path, args, results: dict) -> None:
     """Compute-bound rates on in-memory tensors, and the fine-tune phase's end-to-end share."""
     from .bench_rates import PHASES, model_rate
-
-    from .bench_runs import speed_overrides
+    from .bench_runs import bench_precision
 
     n_images = count_images(data_dir)
     for size in args.plan["sizes"]:
@@ -123,7 +122,7 @@ def bench_model(data_dir: Path, args, results: dict) -> None:
             results[("model", size, phase)] = rate
             say(f"model alone, {size} px, {phase} phase ({PHASES[phase]}): {rate:6.1f} images/s (in-memory tensors)")
     # What the pipeline's cached fine-tune phase actually trains, in the precision the bench runs it.
-    precision = next((o.split("=")[1] for o in speed_overrides(Path()) if o.startswith("train.precision=")), "float32")
+    precision = bench_precision()
     cached = model_rate(3, args.image_size, args.batch_size, "finetune_cached", args.plan["steps"], precision)
     say(f"model alone, {args.image_size} px, cached fine-tune phase ({PHASES['finetune_cached']}, {precision}): "
         f"{cached:6.1f} images/s")

@@ -72,11 +72,13 @@ def speed_overrides(work: Path) -> list[str]:
     """The pipeline's speed options as the bench runs them (README: Speed)."""
     # Feature caching: 2 augmented views, computed once (afresh, in this run's own folder)
     # at mixed8 for both phases.
-    overrides = ["train.head.cached_views=2", "train.finetune.cached_views=2",
-                 "train.finetune.reuse_head_views=true", f"train.cache_dir={work / 'cache'}"]
-    if cpu_has_bf16():
-        overrides.append("train.precision=mixed_bfloat16")
-    return overrides
+    return ["train.head.cached_views=2", "train.finetune.cached_views=2", "train.finetune.reuse_head_views=true",
+            f"train.cache_dir={work / 'cache'}", f"train.precision={bench_precision()}"]
+
+
+def bench_precision() -> str:
+    """mixed_bfloat16 where the CPU computes bfloat16 natively, else float32."""
+    return "mixed_bfloat16" if cpu_has_bf16() else "float32"
 
 
 def cpu_has_bf16() -> bool:
