@@ -62,12 +62,13 @@ def patch_keras_multi_worker_reduction() -> None:
 
 def prepare_model_for_strategy(model, strategy: tf.distribute.Strategy, batches: Batches) -> None:
     """Skip Keras's own symbolic build, which reduces a whole data batch across
-    workers and fails on a tuple (the same Keras bug); build from a local batch instead."""
-    x, y, w = batches.shard(0, 0, 1)
+    workers and fails on a tuple (the same Keras bug); build from one local image instead."""
+    # Part 0 of batch_size parts of the first batch: its first image alone, the only one decoded.
+    x, y, w = batches.shard(0, 0, batches.cfg.batch_size)
 
     def symbolic_build(iterator=None, data_batch=None):
         with strategy.scope():
-            model._symbolic_build(data_batch=(x[:1], y[:1], w[:1]))
+            model._symbolic_build(data_batch=(x, y, w))
 
     model._maybe_symbolic_build = symbolic_build
 
