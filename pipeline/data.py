@@ -25,6 +25,8 @@ from .sample_data import has_images, write_sample_data
 ImageDataGenerator = tf.keras.preprocessing.image.ImageDataGenerator
 # The extensions flow_from_directory indexes (any case); other files are not data.
 INDEXED_EXTENSIONS = tuple("." + ext for ext in tf.keras.preprocessing.image.DirectoryIterator.white_list_formats)
+# Said wherever no images were found: training, predict and evaluate find them alike.
+EXTENSIONS_HINT = f"images are found by extension, any case: {' '.join(INDEXED_EXTENSIONS)}"
 
 # Image files that flow_from_directory does not index: named in a warning rather than silently unused.
 UNINDEXED_IMAGE_EXTENSIONS = (".gif", ".webp", ".heic", ".heif", ".avif", ".jfif", ".jp2")
@@ -216,7 +218,7 @@ def check_layout(names: list[str], train: Split, validation: Split, root: Path) 
     empty = [n for n, c in zip(names, train.counts(len(names))) if c == 0]
     if empty:
         raise DataError(f"class folder(s) with no images in {root / 'train'}: {', '.join(empty)} "
-                        f"(images are found by extension, any case: {' '.join(INDEXED_EXTENSIONS)})")
+                        f"({EXTENSIONS_HINT})")
     if len(validation.filepaths) == 0:
         raise DataError(f"no validation images in {validation.source}")
 

@@ -47,6 +47,7 @@ def evaluate(args: argparse.Namespace) -> int:
     info = read_model_info(args.model)
     folders = class_folders(Path(args.dir), info)
     start_tensorflow()
+    from .data import EXTENSIONS_HINT
     from .inference import find_images, label_files
     from .metrics import confusion_matrix, format_confusion, format_scores
     from .plots import draw_confusion
@@ -54,7 +55,7 @@ def evaluate(args: argparse.Namespace) -> int:
     truth = {path: info.class_names.index(folder.name) for folder in folders for path in find_images(folder)}
     if not truth:
         raise CommandError(f"no images in the class folders of {args.dir} "
-                           "(images are found by extension: .jpg .jpeg .png .bmp .ppm .tif .tiff)")
+                           f"({EXTENSIONS_HINT})")
     model = load_model(info)
     true, predicted, unreadable = [], [], []
     for result in label_files(model, truth, info.image_size, info.interpolation, info.max_pixels):

@@ -37,12 +37,13 @@ def predict(args: argparse.Namespace) -> int:
     if missing:
         raise CommandError(f"no such file or folder: {', '.join(missing)}")
     start_tensorflow()
+    from .data import EXTENSIONS_HINT
     from .inference import find_images, label_files, top_k
 
     images = [str(p) for path in args.paths for p in (find_images(Path(path)) if Path(path).is_dir() else [path])]
     if not images:
         raise CommandError(f"no images in {', '.join(args.paths)} "
-                           "(images are found by extension: .jpg .jpeg .png .bmp .ppm .tif .tiff)")
+                           f"({EXTENSIONS_HINT})")
     model = load_model(info)
     k = min(args.top_k, len(info.class_names))
     write = make_writer(args.csv, k)
