@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .atomic_file import replaced
 from .command import CommandError, run_command, start_tensorflow
 from .model_file import ModelInfo, load_model, read_model_info
 
@@ -63,12 +64,8 @@ def export_saved_model(model, info: ModelInfo, out: Path) -> None:
 
 
 def export_tflite(model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.tflite")
-    try:
+    with replaced(path) as tmp:
         model.export(str(tmp), format="litert", verbose=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None) -> None:

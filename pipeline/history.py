@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from .atomic_file import replaced
 from .checkpoint import TrainState
 
 HISTORY = "history.csv"
@@ -62,13 +62,11 @@ def to_float(value) -> float:
 
 def write_history(path: Path, rows: list[dict]) -> None:
     """Rewrite the whole file under a temporary name: a kill mid-write leaves the previous file whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with replaced(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         # repr keeps every digit, so a value read back equals the one logged (report.best_epoch relies on it)
         writer.writerows({k: format_cell(row.get(k)) for k in COLUMNS} for row in rows)
-    os.replace(tmp, path)
 
 
 def format_cell(value) -> str:

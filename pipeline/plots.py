@@ -6,12 +6,13 @@ sweep jobs in one process cannot draw into each other's figures.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from .atomic_file import replaced
 
 PHASE_COLOURS = {"head": "#dbe9f6", "finetune": "#fde6cc"}
 
@@ -20,9 +21,8 @@ def save_figure(fig: Figure, path: Path) -> Path:
     """Under a temporary name, then renamed: a reader never sees half a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path
 
 

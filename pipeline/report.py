@@ -9,7 +9,6 @@ epoch's val_accuracy). The curves come from history.csv (history.py).
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Optional
 import keras
 import numpy as np
 
+from .atomic_file import replaced
 from .checkpoint import TrainState
 from .config import Config
 from .data import DataSet, validation_batches
@@ -49,9 +49,8 @@ def write_run_report(report_dir: Path, cfg: Config, data: DataSet, model: keras.
     matrix = validation_confusion(scorer, batches, len(data.class_names), data.validation.labels)
     draw_confusion(matrix, data.class_names, report_dir / CONFUSION, "validation set, final model")
     path = report_dir / REPORT
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(render_report(report_dir, cfg, data, state, last_logs, rows, matrix))
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        tmp.write_text(render_report(report_dir, cfg, data, state, last_logs, rows, matrix))
     print(f"report: {path} (+ {CURVES}, {CONFUSION}, {HISTORY}, {TENSORBOARD}/)", flush=True)
     return path
 
