@@ -17,13 +17,13 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from .cluster import check_tf_config  # noqa: E402
-from .config import ConfigError, register_config, run_name, to_config  # noqa: E402
-from .job_process import JobPreempted, JobUserError, run_in_child  # noqa: E402
-from .local_workers import WorkerFailed, run_local_workers  # noqa: E402
-from .memory import peak_memory_mb, reset_peak_memory  # noqa: E402
-from .quiet import import_tensorflow_quietly  # noqa: E402
-from .sweep import write_result  # noqa: E402
+from pipeline.distribute.tf_config import check_tf_config  # noqa: E402
+from pipeline.config import ConfigError, register_config, run_name, to_config  # noqa: E402
+from pipeline.sweep.job_process import JobPreempted, JobUserError, run_in_child  # noqa: E402
+from pipeline.distribute.local_workers import WorkerFailed, run_local_workers  # noqa: E402
+from pipeline.sweep.memory import peak_memory_mb, reset_peak_memory  # noqa: E402
+from pipeline.quiet import import_tensorflow_quietly  # noqa: E402
+from pipeline.sweep.results import write_result  # noqa: E402
 
 register_config()
 
@@ -54,7 +54,7 @@ def main(cfg: DictConfig):
             if config.distribute.local_workers and not os.environ.get("TF_CONFIG"):
                 outcome = launch_local_workers(config, run_dir)
             else:
-                from .train import run
+                from pipeline.train import run
 
                 outcome = run(config, resume, run_dir)
         record_result({"peak_mb": peak_memory_mb(), **outcome})  # a launcher reports its chief's
@@ -82,8 +82,8 @@ def main(cfg: DictConfig):
 
 def launch_local_workers(config, run_dir: Path) -> dict:
     """Check the data once here (so workers do not race to write the sample set), then run the workers."""
-    from .data import ensure_sample_data, read_dataset
-    from .image_check import check_images
+    from pipeline.data.dataset import ensure_sample_data, read_dataset
+    from pipeline.data.image_check import check_images
 
     ensure_sample_data(config.data)
     check_images(read_dataset(config.data), config.data, run_dir)
@@ -139,7 +139,7 @@ def is_preemption(err: Exception) -> bool:
         return True
     if "tensorflow" not in sys.modules:  # the only source of Preempted never started
         return False
-    from .batch_saver import Preempted
+    from pipeline.training.batch_saver import Preempted
 
     return isinstance(err, Preempted)
 
@@ -149,7 +149,7 @@ def is_user_error(err: Exception) -> bool:
         return True
     if "tensorflow" not in sys.modules:
         return False
-    from .train import USER_ERRORS
+    from pipeline.train import USER_ERRORS
 
     return isinstance(err, USER_ERRORS)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .command import CommandError, run_command, start_tensorflow
-from .model_file import ModelInfo, load_model, read_model_info
+from pipeline.cli import CommandError, run_command, start_tensorflow
+from pipeline.model_file.load import ModelInfo, load_model, read_model_info
 
 OUT = Path("evaluation")
 
@@ -47,10 +47,10 @@ def evaluate(args: argparse.Namespace) -> int:
     info = read_model_info(args.model)
     folders = class_folders(Path(args.dir), info)
     start_tensorflow()
-    from .data import EXTENSIONS_HINT
-    from .inference import find_images, label_files
-    from .metrics import confusion_matrix, format_confusion, format_scores
-    from .plots import draw_confusion
+    from pipeline.data.dataset import EXTENSIONS_HINT
+    from pipeline.inference import find_images, label_files
+    from pipeline.reports.metrics import confusion_matrix, format_confusion, format_scores
+    from pipeline.reports.plots import draw_confusion
 
     truth = {path: info.class_names.index(folder.name) for folder in folders for path in find_images(folder)}
     if not truth:

@@ -15,9 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .atomic_file import replaced
-from .command import CommandError, run_command, start_tensorflow
-from .model_file import ModelInfo, load_model, read_model_info
+from pipeline.atomic_file import replaced
+from pipeline.cli import CommandError, run_command, start_tensorflow
+from pipeline.model_file.load import ModelInfo, load_model, read_model_info
 
 
 def parse_args(argv=None) -> argparse.Namespace:

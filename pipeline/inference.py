@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .command import CommandError
-from .data import INDEXED_EXTENSIONS, DataError, check_link_cycles, load_image
+from pipeline.cli import CommandError
+from pipeline.data.dataset import INDEXED_EXTENSIONS, DataError, check_link_cycles, load_image
 
 CHUNK = 32  # images decoded and predicted together
 

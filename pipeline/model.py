@@ -13,7 +13,7 @@ from typing import Optional
 import keras
 from keras import layers
 
-from .config import ConfigError, ModelConfig
+from pipeline.config import ConfigError, ModelConfig
 
 BASE_NAME = "inception_v3"
 # Keras's own download location and file for the no-top ImageNet weights.

@@ -15,8 +15,8 @@ import csv
 import sys
 from pathlib import Path
 
-from .command import CommandError, run_command, start_tensorflow
-from .model_file import load_model, read_model_info
+from pipeline.cli import CommandError, run_command, start_tensorflow
+from pipeline.model_file.load import load_model, read_model_info
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,8 +37,8 @@ def predict(args: argparse.Namespace) -> int:
     if missing:
         raise CommandError(f"no such file or folder: {', '.join(missing)}")
     start_tensorflow()
-    from .data import EXTENSIONS_HINT
-    from .inference import find_images, label_files, top_k
+    from pipeline.data.dataset import EXTENSIONS_HINT
+    from pipeline.inference import find_images, label_files, top_k
 
     images = [str(p) for path in args.paths for p in (find_images(Path(path)) if Path(path).is_dir() else [path])]
     if not images:

@@ -11,24 +11,24 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from . import summary
-from .batch_saver import BatchSaver, Preempted, StopFlag
-from .cached_phase import Feed, check_cached_cut, make_feed
-from .checkpoint import Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints
-from .checkpoint_writer import CheckpointWriter, prune_and_announce
-from .cluster import WorkerRole, read_worker_role
-from .config import Config, ConfigError, PhaseConfig
-from .data import DataError, DataSet, ensure_sample_data, read_dataset, validation_batches
-from .distribute import distribute_batches, make_strategy, prepare_model_for_strategy, scratch_folder, strategy_scope
-from .final_model import read_metadata, save_final
-from .history import start_history
-from .image_check import check_images
-from .model import (WeightsError, build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after,
+from pipeline.reports import console as summary
+from pipeline.training.batch_saver import BatchSaver, Preempted, StopFlag
+from pipeline.training.cached_phase import Feed, check_cached_cut, make_feed
+from pipeline.checkpoints.store import Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints
+from pipeline.checkpoints.writer import CheckpointWriter, prune_and_announce
+from pipeline.distribute.tf_config import WorkerRole, read_worker_role
+from pipeline.config import Config, ConfigError, PhaseConfig
+from pipeline.data.dataset import DataError, DataSet, ensure_sample_data, read_dataset, validation_batches
+from pipeline.distribute.strategy import distribute_batches, make_strategy, prepare_model_for_strategy, scratch_folder, strategy_scope
+from pipeline.model_file.save import read_metadata, save_final
+from pipeline.reports.history import start_history
+from pipeline.data.image_check import check_images
+from pipeline.model import (WeightsError, build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after,
                     set_trainable)
-from .precision import set_precision
-from .report import write_missing_report, write_run_report
-from .resume import plan_resume, restore_newest_usable
-from .startup import FirstStepTimer
+from pipeline.training.precision import set_precision
+from pipeline.reports.report import write_missing_report, write_run_report
+from pipeline.checkpoints.resume import plan_resume, restore_newest_usable
+from pipeline.training.first_step_timer import FirstStepTimer
 
 # Errors whose message tells the user what to fix; the entry point prints them without a traceback.
 USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sample_data import write_sample_data
+from pipeline.data.sample_data import write_sample_data
 
 REPO = Path(__file__).resolve().parents[1]
 # The smoke experiment (75 px, batch 4, weights=null, one epoch per phase) keeps

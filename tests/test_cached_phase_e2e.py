@@ -17,9 +17,9 @@ import pytest
 from conftest import REPO, cli_env, run_args, run_cli
 from keras import layers
 
-from pipeline.cached_phase import split_at
+from pipeline.training.cached_phase import split_at
 from pipeline.config import DataConfig, ModelConfig
-from pipeline.data import load_image, read_dataset, validation_batches
+from pipeline.data.dataset import load_image, read_dataset, validation_batches
 from pipeline.model import build_model
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.checkpoint import (MANIFEST, PENDING, SUFFIXES, TrainState, archive_all, checkpoint_stem,
+from pipeline.checkpoints.store import (MANIFEST, PENDING, SUFFIXES, TrainState, archive_all, checkpoint_stem,
                                  clean_leftovers, list_checkpoints, prune, restore, save_checkpoint, verify)
 from pipeline.config import CheckpointConfig, ModelConfig
 from pipeline.model import build_model, compile_model, set_trainable

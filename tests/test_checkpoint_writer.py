@@ -20,8 +20,8 @@ from test_checkpoint import (
     trained_model,
 )
 
-from pipeline import checkpoint
-from pipeline.checkpoint import (
+from pipeline.checkpoints import store as checkpoint
+from pipeline.checkpoints.store import (
     CheckpointError,
     TrainState,
     checkpoint_stem,
@@ -30,7 +30,7 @@ from pipeline.checkpoint import (
     restore,
     verify,
 )
-from pipeline.checkpoint_writer import CheckpointWriter
+from pipeline.checkpoints.writer import CheckpointWriter
 from pipeline.config import CheckpointConfig
 
 
@@ -92,8 +92,8 @@ def test_a_full_disk_in_the_background_surfaces_as_the_same_error(tmp_path, monk
 KILLED_MID_WRITE = textwrap.dedent("""
     import sys
     from test_checkpoint import FINGERPRINT, X, Y, trained_model
-    from pipeline.checkpoint import TrainState
-    from pipeline.checkpoint_writer import CheckpointWriter
+    from pipeline.checkpoints.store import TrainState
+    from pipeline.checkpoints.writer import CheckpointWriter
     from pipeline.config import CheckpointConfig
 
     model = trained_model()

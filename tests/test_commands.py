@@ -156,7 +156,7 @@ def test_export_writes_a_saved_model_and_tflite_that_agree_with_keras(run, tiny_
     import keras
     import tensorflow as tf
 
-    from pipeline.data import load_image
+    from pipeline.data.dataset import load_image
 
     tmp, _, _ = run
     out = tmp_path / "served"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data import DataError, ensure_sample_data, read_dataset, train_batches, validation_batches
+from pipeline.data.dataset import DataError, ensure_sample_data, read_dataset, train_batches, validation_batches
 
 
 def config(root, **kw) -> DataConfig:

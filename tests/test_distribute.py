@@ -15,10 +15,10 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import REPO, SMOKE, cli_env, run_args, run_cli
-from pipeline.cluster import check_tf_config, read_worker_role
+from pipeline.distribute.tf_config import check_tf_config, read_worker_role
 from pipeline.config import ConfigError, DistributeConfig, imply_multi_worker, validate_distribute
-from pipeline.data import read_dataset, train_batches
-from pipeline.local_workers import quote
+from pipeline.data.dataset import read_dataset, train_batches
+from pipeline.distribute.local_workers import quote
 
 
 def tf_config(index, workers=2, task_type="worker"):

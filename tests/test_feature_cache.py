@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.cached_phase import CachedBatches
+from pipeline.training.cached_phase import CachedBatches
 from pipeline.config import DataConfig
-from pipeline.data import read_dataset, train_batches
-from pipeline.feature_cache import INCOMING, load_or_compute, make_key
+from pipeline.data.dataset import read_dataset, train_batches
+from pipeline.training.feature_cache import INCOMING, load_or_compute, make_key
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from PIL import Image, ImageFile
 
 from conftest import run_args, run_cli
 from pipeline.config import DataConfig
-from pipeline.data import DataError, decode_image, load_image, read_dataset
-from pipeline.image_check import (CACHE_NAME, REPORT_NAME, check_file, check_images, describe,
+from pipeline.data.dataset import DataError, decode_image, load_image, read_dataset
+from pipeline.data.image_check import (CACHE_NAME, REPORT_NAME, check_file, check_images, describe,
                                   measure_check_speed, scan_images)
 
 MAX_PIXELS = DataConfig.max_pixels

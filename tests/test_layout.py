@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data import DataError, read_dataset
+from pipeline.data.dataset import DataError, read_dataset
 
 
 def config(root, **kw) -> DataConfig:

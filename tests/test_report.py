@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.checkpoint import TrainState
-from pipeline.history import HISTORY, TENSORBOARD, read_history, start_history
-from pipeline.metrics import accuracy, class_scores, confusion_matrix, format_confusion, format_scores
-from pipeline.plots import draw_confusion, draw_curves
+from pipeline.checkpoints.store import TrainState
+from pipeline.reports.history import HISTORY, TENSORBOARD, read_history, start_history
+from pipeline.reports.metrics import accuracy, class_scores, confusion_matrix, format_confusion, format_scores
+from pipeline.reports.plots import draw_confusion, draw_curves
 
 
 def assert_real_png(path, min_size=(200, 200)):
@@ -112,7 +112,7 @@ def test_curves_and_confusion_matrix_are_real_pngs(tmp_path):
 def test_model_file_reads_the_attribute_final_model_writes(tmp_path):
     import keras
 
-    from pipeline import final_model, model_file
+    from pipeline.model_file import load as model_file, save as final_model
 
     assert model_file.METADATA_ATTR == final_model.METADATA_ATTR
     inputs = keras.Input((4, 4, 3))

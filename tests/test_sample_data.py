@@ -1,4 +1,4 @@
-"""Tests for pipeline.sample_data: layout, decoding, determinism, safety, and that the set needs shape to learn."""
+"""Tests for pipeline.data.sample_data: layout, decoding, determinism, safety, and that the set needs shape to learn."""
 
 import os
 import signal
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import sample_data
-from pipeline.sample_data import CLASS_NAMES, SPLITS, STAGING_PREFIX, has_images, write_sample_data
+from pipeline.data import sample_data
+from pipeline.data.sample_data import CLASS_NAMES, SPLITS, STAGING_PREFIX, has_images, write_sample_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"train_per_class": 3, "validation_per_class": 2, "image_size": 48}  # enough to compare, quick to write

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import TrainState
-from .config import Config
+from pipeline.checkpoints.store import TrainState
+from pipeline.config import Config
 
 
 def print_startup(cfg: Config, data, phases, reason: str, restored, unfreeze_after) -> None:

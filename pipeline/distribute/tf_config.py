@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .config import ConfigError, DistributeConfig
+from pipeline.config import ConfigError, DistributeConfig
 
 
 @dataclass

@@ -27,9 +27,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .checkpoint import fsync_dir, fsync_file, reach, sha256
-from .config import DataConfig
-from .data import Batches, DataSet
+from pipeline.checkpoints.store import fsync_dir, fsync_file, reach, sha256
+from pipeline.config import DataConfig
+from pipeline.data.dataset import Batches, DataSet
 
 FORMAT_VERSION = 2  # 2: features computed in batches of FEATURE_BATCH
 # Images per predict() call of the feature pass. Measured at 150 px on 2 cores:

@@ -14,7 +14,7 @@ from itertools import pairwise
 from pathlib import Path
 from statistics import median
 
-from .bench_probe import EVENT
+from pipeline.bench.probe import EVENT
 
 
 @dataclass
@@ -93,7 +93,7 @@ def cpu_has_bf16() -> bool:
 def pipeline_command(data_dir: Path, work: Path, image_size: int, head_epochs: int, finetune_epochs: int,
                      extra: tuple[str, ...] = ()) -> list[str]:
     """The pipeline's CLI as the classic recipe's equivalent: random init, fine-tuning after mixed8."""
-    return [sys.executable, "-m", "pipeline.bench_probe", f"data.dir={data_dir}", "model.weights=null",
+    return [sys.executable, "-m", "pipeline.bench.probe", f"data.dir={data_dir}", "model.weights=null",
             f"data.image_size={image_size}", f"train.head.epochs={head_epochs}",
             f"train.finetune.epochs={finetune_epochs}", "train.finetune.unfreeze_after=mixed8",
             *speed_overrides(work),
@@ -112,7 +112,7 @@ def run_pipeline(data_dir: Path, work: Path, image_size: int, head_epochs: int, 
 
 def run_classic(data_dir: Path, image_size: int, head_epochs: int, finetune_epochs: int, log: Path) -> dict:
     """The classic recipe, saving as the seed's script does: a full model every epoch and the final .h5."""
-    run = run_process([sys.executable, "-m", "pipeline.classic_recipe", str(data_dir), f"--image-size={image_size}",
+    run = run_process([sys.executable, "-m", "pipeline.bench.classic_recipe", str(data_dir), f"--image-size={image_size}",
                        f"--head-epochs={head_epochs}", f"--finetune-epochs={finetune_epochs}",
                        f"--checkpoint-dir={log.parent / 'classic_ckpt'}"],
                       log=log)

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from .local_workers import die_with_parent
+from pipeline.distribute.local_workers import die_with_parent
 
 
 class JobUserError(ValueError):
@@ -34,7 +34,7 @@ class JobPreempted(RuntimeError):
 
 
 def run_in_child(config, resume: Optional[bool], run_dir: Path) -> dict:
-    """train.run(config, resume, run_dir) in a fresh `python -m pipeline.job_process`; its outcome,
+    """train.run(config, resume, run_dir) in a fresh `python -m pipeline.sweep.job_process`; its outcome,
     or its error re-raised here.
 
     A plain subprocess, not multiprocessing: inside a joblib (loky) worker,
@@ -43,7 +43,7 @@ def run_in_child(config, resume: Optional[bool], run_dir: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="pipeline-job-") as scratch:
         request, answer = Path(scratch) / "job.pickle", Path(scratch) / "result.pickle"
         request.write_bytes(pickle.dumps((config, resume, str(run_dir))))
-        child = subprocess.Popen([sys.executable, "-m", "pipeline.job_process", str(request), str(answer)],
+        child = subprocess.Popen([sys.executable, "-m", "pipeline.sweep.job_process", str(request), str(answer)],
                                  preexec_fn=die_with_parent)
         previous = {sig: signal.signal(sig, lambda signum, _f: child.poll() is None and child.send_signal(signum))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -65,13 +65,13 @@ def run_in_child(config, resume: Optional[bool], run_dir: Path) -> dict:
 
 def train_in_child(request: Path, answer: Path) -> None:
     """The child's side: run the job, leave (kind, payload) in `answer`."""
-    from .memory import peak_memory_mb
-    from .quiet import import_tensorflow_quietly
+    from pipeline.sweep.memory import peak_memory_mb
+    from pipeline.quiet import import_tensorflow_quietly
 
     config, resume, run_dir = pickle.loads(request.read_bytes())
     import_tensorflow_quietly()
-    from .batch_saver import Preempted
-    from .train import USER_ERRORS, run
+    from pipeline.training.batch_saver import Preempted
+    from pipeline.train import USER_ERRORS, run
 
     try:
         result = ("ok", {**run(config, resume, Path(run_dir)), "peak_mb": peak_memory_mb()})

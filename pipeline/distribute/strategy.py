@@ -16,9 +16,9 @@ from typing import Optional
 
 import tensorflow as tf
 
-from .cluster import WorkerRole
-from .config import DistributeConfig
-from .data import Batches
+from pipeline.distribute.tf_config import WorkerRole
+from pipeline.config import DistributeConfig
+from pipeline.data.dataset import Batches
 
 
 def make_strategy(cfg: DistributeConfig) -> Optional[tf.distribute.Strategy]:

@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps
 import tensorflow as tf
 
-from .config import DataConfig
-from .sample_data import has_images, write_sample_data
+from pipeline.config import DataConfig
+from pipeline.data.sample_data import has_images, write_sample_data
 
 ImageDataGenerator = tf.keras.preprocessing.image.ImageDataGenerator
 # The extensions flow_from_directory indexes (any case); other files are not data.

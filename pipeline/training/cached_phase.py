@@ -17,9 +17,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .config import Config, ConfigError
-from .data import DataSet, train_batches, validation_batches
-from .feature_cache import (
+from pipeline.config import Config, ConfigError
+from pipeline.data.dataset import DataSet, train_batches, validation_batches
+from pipeline.training.feature_cache import (
     Features,
     compute_features,
     derive_features,
@@ -27,7 +27,7 @@ from .feature_cache import (
     load_or_compute,
     make_key,
 )
-from .model import base_of, resolve_unfreeze_after
+from pipeline.model import base_of, resolve_unfreeze_after
 
 HEAD_CUT = "pool"  # the head phase caches the pooled base output: pooling has no weights
 

@@ -1,4 +1,4 @@
-"""`python -m pipeline.bench_probe OVERRIDES`: the real CLI, plus time stamps for `make bench`.
+"""`python -m pipeline.bench.probe OVERRIDES`: the real CLI, plus time stamps for `make bench`.
 
 Runs `python -m pipeline` unchanged, except that every `fit` call also prints
 one `bench-event {json}` line per epoch: wall-clock times (time.time(), which
@@ -21,7 +21,7 @@ EVENT = "bench-event "
 
 def stamp_every_fit() -> None:
     """Wrap keras.Model.fit so each call gets a callback that reports its epochs."""
-    from .quiet import import_tensorflow_quietly
+    from pipeline.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     import keras

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .checkpoint import (Checkpoint, CheckpointError, TrainState, archive_all, clean_leftovers,
+from pipeline.checkpoints.store import (Checkpoint, CheckpointError, TrainState, archive_all, clean_leftovers,
                          fingerprint_differences, list_checkpoints, restore, verify)
 
 

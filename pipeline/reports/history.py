@@ -22,8 +22,8 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from .atomic_file import replaced
-from .checkpoint import TrainState
+from pipeline.atomic_file import replaced
+from pipeline.checkpoints.store import TrainState
 
 HISTORY = "history.csv"
 TENSORBOARD = "tensorboard"

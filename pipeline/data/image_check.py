@@ -32,8 +32,8 @@ import numpy as np
 import PIL
 from PIL import Image, UnidentifiedImageError
 
-from .config import DataConfig
-from .data import DataError, DataSet, Split, TooManyPixels, check_layout, decode_image
+from pipeline.config import DataConfig
+from pipeline.data.dataset import DataError, DataSet, Split, TooManyPixels, check_layout, decode_image
 
 EMPTY, TRUNCATED, NOT_AN_IMAGE = "empty", "truncated", "not an image"
 UNREADABLE, TOO_MANY_PIXELS, CANNOT_DECODE = "unreadable", "too many pixels", "cannot decode"

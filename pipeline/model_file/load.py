@@ -12,8 +12,8 @@ from pathlib import Path
 
 import h5py
 
-from .command import CommandError
-from .config import DataConfig
+from pipeline.cli import CommandError
+from pipeline.config import DataConfig
 
 # The HDF5 attribute final_model.py writes the metadata into (defined here, where no TensorFlow is imported).
 METADATA_ATTR = "pipeline_metadata"

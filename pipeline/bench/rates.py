@@ -11,13 +11,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .cached_phase import share_compilation, split_at
-from .checkpoint import TrainState
-from .checkpoint_writer import CheckpointWriter
-from .config import CheckpointConfig, DataConfig, ModelConfig
-from .data import Batches, read_dataset, train_batches
-from .model import build_model, compile_model, set_trainable
-from .precision import set_precision
+from pipeline.training.cached_phase import share_compilation, split_at
+from pipeline.checkpoints.store import TrainState
+from pipeline.checkpoints.writer import CheckpointWriter
+from pipeline.config import CheckpointConfig, DataConfig, ModelConfig
+from pipeline.data.dataset import Batches, read_dataset, train_batches
+from pipeline.model import build_model, compile_model, set_trainable
+from pipeline.training.precision import set_precision
 
 PHASES = {"head": "base frozen", "finetune": "trained after mixed8", "whole": "whole network",
           "finetune_cached": "the layers above mixed8 on cached mixed8 features"}

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import keras
 
-from .checkpoint import Checkpoint, TrainState, prune, save_checkpoint, seed_generators
-from .config import CheckpointConfig
+from pipeline.checkpoints.store import Checkpoint, TrainState, prune, save_checkpoint, seed_generators
+from pipeline.config import CheckpointConfig
 
 
 class CheckpointWriter:

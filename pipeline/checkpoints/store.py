@@ -28,7 +28,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from .config import CheckpointConfig
+from pipeline.config import CheckpointConfig
 
 SUFFIXES = {"keras": ".keras", "h5": ".h5", "weights_h5": ".weights.h5", "tf_checkpoint": ".ckpt"}
 MANIFEST = ".manifest.json"

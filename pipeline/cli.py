@@ -35,6 +35,6 @@ def run_command(body: Callable[[], int]) -> None:
 
 def start_tensorflow() -> None:
     """Import TensorFlow only once the input is known good: bad input fails in a second."""
-    from .quiet import import_tensorflow_quietly
+    from pipeline.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()

@@ -15,8 +15,8 @@ from typing import Optional
 import h5py
 import keras
 
-from .checkpoint import fsync_dir, fsync_file, reach, write_json_atomic
-from .model_file import METADATA_ATTR  # one name for the attribute; model_file reads it without TensorFlow
+from pipeline.checkpoints.store import fsync_dir, fsync_file, reach, write_json_atomic
+from pipeline.model_file.load import METADATA_ATTR  # one name for the attribute; model_file reads it without TensorFlow
 
 
 def metadata_path(model_path: Path) -> Path:

@@ -56,7 +56,7 @@ def say(text: str) -> None:
 
 
 def prepare_data(work: Path, per_class: tuple[int, int]) -> Path:
-    from .sample_data import write_sample_data
+    from pipeline.data.sample_data import write_sample_data
 
     data_dir = work / "data"
     if not (data_dir / "train").exists():
@@ -70,7 +70,7 @@ def count_images(data_dir: Path) -> int:
 
 def bench_runs(data_dir: Path, work: Path, args, results: dict) -> None:
     """Both recipes, same data, epochs and size, one after the other."""
-    from .bench_runs import (
+    from pipeline.bench.runs import (
         epoch_breakdown,
         run_classic,
         run_pipeline,
@@ -103,7 +103,7 @@ def bench_runs(data_dir: Path, work: Path, args, results: dict) -> None:
 
 
 def bench_startup(data_dir: Path, work: Path, args, results: dict) -> None:
-    from .bench_runs import measure_startup
+    from pipeline.bench.runs import measure_startup
 
     startup = measure_startup(data_dir, work / "startup_run", args.image_size)
     say(f"seconds from `python -m pipeline` to the first training step: fresh {startup['fresh']:.1f} s, "
@@ -112,8 +112,8 @@ def bench_startup(data_dir: Path, work: Path, args, results: dict) -> None:
 
 def bench_model(data_dir: Path, args, results: dict) -> None:
     """Compute-bound rates on in-memory tensors, and the fine-tune phase's end-to-end share."""
-    from .bench_rates import PHASES, model_rate
-    from .bench_runs import bench_precision
+    from pipeline.bench.rates import PHASES, model_rate
+    from pipeline.bench.runs import bench_precision
 
     n_images = count_images(data_dir)
     for size in args.plan["sizes"]:
@@ -140,8 +140,8 @@ def bench_model(data_dir: Path, args, results: dict) -> None:
 
 def bench_input(data_dir: Path, args, results: dict) -> None:
     """The feed alone (augmentation, workers) against what the model consumes."""
-    from .bench_rates import feed_rate
-    from .config import DataConfig
+    from pipeline.bench.rates import feed_rate
+    from pipeline.config import DataConfig
 
     for size in args.plan["sizes"]:
         for workers in sorted({1, DataConfig.workers}):
@@ -155,7 +155,7 @@ def bench_input(data_dir: Path, args, results: dict) -> None:
 
 
 def bench_checkpoint(data_dir: Path, work: Path, args, results: dict) -> None:
-    from .bench_rates import checkpoint_costs
+    from pipeline.bench.rates import checkpoint_costs
 
     epoch, costs = checkpoint_costs(data_dir, work / "checkpoint_cost", args.image_size, args.batch_size,
                                     args.plan["formats"], args.plan["steps"])
@@ -171,11 +171,11 @@ def bench_checkpoint(data_dir: Path, work: Path, args, results: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .quiet import import_tensorflow_quietly
+    from pipeline.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()
-    from .config import Config
-    from .train import configure_tensorflow
+    from pipeline.config import Config
+    from pipeline.train import configure_tensorflow
 
     configure_tensorflow(Config())  # the pipeline's defaults (op determinism), as its runs have them
     started = time.time()
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         if "checkpoint" in args.only:
             bench_checkpoint(data_dir, work, args, results)
     if "check" in args.only:
-        from .image_check import report_check_speed
+        from pipeline.data.image_check import report_check_speed
 
         report_check_speed()
     say(f"bench done in {time.time() - started:.0f} s")

@@ -17,15 +17,15 @@ from typing import Optional
 import keras
 import numpy as np
 
-from .atomic_file import replaced
-from .checkpoint import TrainState
-from .config import Config
-from .data import DataSet, validation_batches
-from .history import HISTORY, TENSORBOARD, read_history
-from .inference import predict_batch
-from .metrics import CORNER, accuracy, class_scores, confusion_matrix
-from .model import resolve_unfreeze_after
-from .plots import draw_confusion, draw_curves
+from pipeline.atomic_file import replaced
+from pipeline.checkpoints.store import TrainState
+from pipeline.config import Config
+from pipeline.data.dataset import DataSet, validation_batches
+from pipeline.reports.history import HISTORY, TENSORBOARD, read_history
+from pipeline.inference import predict_batch
+from pipeline.reports.metrics import CORNER, accuracy, class_scores, confusion_matrix
+from pipeline.model import resolve_unfreeze_after
+from pipeline.reports.plots import draw_confusion, draw_curves
 
 REPORT = "report.md"
 CURVES = "curves.png"

@@ -12,7 +12,7 @@ a full-model `ModelCheckpoint` every epoch (Keras 3's spelling of the seed's
 `model.save(...h5)`. `weights=None` because the bench runs offline; the recipe
 is otherwise as written.
 
-    python -m pipeline.classic_recipe DATA_DIR [--image-size 150] [--head-epochs 10] [--finetune-epochs 5]
+    python -m pipeline.bench.classic_recipe DATA_DIR [--image-size 150] [--head-epochs 10] [--finetune-epochs 5]
                                                [--checkpoint-dir DIR]
 
 Prints one JSON line: seconds inside the script, last validation accuracy.

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .atomic_file import replaced
+from pipeline.atomic_file import replaced
 
 PHASE_COLOURS = {"head": "#dbe9f6", "finetune": "#fde6cc"}
 

@@ -1,0 +1,1 @@
+"""Durable state: the checkpoint store, the background writer, and the resume plan."""

@@ -1,0 +1,1 @@
+"""What a run tells you: history.csv and TensorBoard, the report, metrics, plots, the console summary."""
