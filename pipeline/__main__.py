@@ -4,6 +4,7 @@ Errors a user can fix (a bad key, a broken folder, missing weights, foreign
 checkpoints) end with one message naming the culprit and exit code 2, no
 traceback; HYDRA_FULL_ERROR=1 shows the traceback for debugging.
 """
+
 import os
 import signal
 import sys
@@ -17,12 +18,12 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pipeline.distribute.tf_config import check_tf_config  # noqa: E402
 from pipeline.config import ConfigError, register_config, run_name, to_config  # noqa: E402
-from pipeline.sweep.job_process import JobPreempted, JobUserError, run_in_child  # noqa: E402
 from pipeline.distribute.local_workers import WorkerFailed, run_local_workers  # noqa: E402
-from pipeline.sweep.memory import peak_memory_mb, reset_peak_memory  # noqa: E402
+from pipeline.distribute.tf_config import check_tf_config  # noqa: E402
 from pipeline.quiet import import_tensorflow_quietly  # noqa: E402
+from pipeline.sweep.job_process import JobPreempted, JobUserError, run_in_child  # noqa: E402
+from pipeline.sweep.memory import peak_memory_mb, reset_peak_memory  # noqa: E402
 from pipeline.sweep.results import write_result  # noqa: E402
 
 register_config()
@@ -87,8 +88,13 @@ def launch_local_workers(config, run_dir: Path) -> dict:
 
     ensure_sample_data(config.data)
     check_images(read_dataset(config.data), config.data, run_dir)
-    return run_local_workers(config.distribute.local_workers, list(HydraConfig.get().overrides.task),
-                             config.checkpoint.dir, config.model.save_path, run_dir)
+    return run_local_workers(
+        config.distribute.local_workers,
+        list(HydraConfig.get().overrides.task),
+        config.checkpoint.dir,
+        config.model.save_path,
+        run_dir,
+    )
 
 
 def record_result(outcome: dict) -> None:

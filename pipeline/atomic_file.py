@@ -1,4 +1,5 @@
 """Files a reader never sees half-written: written under a temporary name beside the target, then renamed."""
+
 from __future__ import annotations
 
 import contextlib

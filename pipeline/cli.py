@@ -4,6 +4,7 @@ Input a user can fix (a missing file, a folder the model cannot score) ends
 with one `error:` line naming it and exit code 2, as `python -m pipeline` does;
 anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import os

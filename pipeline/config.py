@@ -6,12 +6,12 @@ choices and paths, and names the key, the bad value and what is allowed.
 Nothing below the entry point sees Hydra: `to_config` turns the composed
 DictConfig into these plain objects.
 """
+
 from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -43,7 +43,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    weights: Optional[str] = "imagenet"
+    weights: str | None = "imagenet"
     dropout: float = 0.2
     random_init_bn_momentum: float = 0.9
     save_path: str = "model/my_saved_InceptionV3_model.h5"
@@ -117,8 +117,10 @@ def register_config() -> None:
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
     # A default that depends on whether the base starts pretrained (see conf/train/default.yaml).
     OmegaConf.register_new_resolver(
-        "pretrained_or_scratch", lambda weights, pretrained, scratch: scratch if weights is None else pretrained,
-        replace=True)
+        "pretrained_or_scratch",
+        lambda weights, pretrained, scratch: scratch if weights is None else pretrained,
+        replace=True,
+    )
 
 
 CHECKPOINT_FORMATS = ("keras", "h5", "weights_h5", "tf_checkpoint")
@@ -140,8 +142,7 @@ def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
 
     Returns the config and one-line notes on seed spellings that were translated.
     """
-    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-             if k in Config.__dataclass_fields__}
+    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k in Config.__dataclass_fields__}
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))
     notes = translate_seed_spellings(config.checkpoint) + imply_multi_worker(config.distribute)
     validate(config)
@@ -194,8 +195,10 @@ def validate(config: Config) -> None:
         at_least(f"data.{key}", getattr(d, key), 0)
     # Even with make_sample_if_empty: a mistyped data.dir must not quietly become a new sample set.
     if not Path(d.dir).is_dir():
-        raise ConfigError(f"data.dir={d.dir!r} is not a folder; point it at a folder with train/<class>/ "
-                          "(and validation/<class>/), or at an empty folder to get the sample set")
+        raise ConfigError(
+            f"data.dir={d.dir!r} is not a folder; point it at a folder with train/<class>/ "
+            "(and validation/<class>/), or at an empty folder to get the sample set"
+        )
     validate_weights(m.weights)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
@@ -225,16 +228,20 @@ def validate(config: Config) -> None:
     validate_distribute(config.distribute)
     for name in ("head", "finetune"):
         if getattr(t, name).cached_views and config.distribute.strategy != "none":
-            raise ConfigError(f"train.{name}.cached_views={getattr(t, name).cached_views} cannot be combined with "
-                              f"distribute={config.distribute.strategy}: set it to 0 for distributed runs")
+            raise ConfigError(
+                f"train.{name}.cached_views={getattr(t, name).cached_views} cannot be combined with "
+                f"distribute={config.distribute.strategy}: set it to 0 for distributed runs"
+            )
 
 
 def validate_distribute(dist: DistributeConfig) -> None:
     one_of("distribute.strategy", dist.strategy, STRATEGIES)
     at_least("distribute.local_workers", dist.local_workers, 0)
     if dist.local_workers > 0 and dist.strategy != "multi_worker":
-        raise ConfigError(f"distribute.local_workers={dist.local_workers} starts multi-worker processes; "
-                          f"it cannot be combined with distribute={dist.strategy}")
+        raise ConfigError(
+            f"distribute.local_workers={dist.local_workers} starts multi-worker processes; "
+            f"it cannot be combined with distribute={dist.strategy}"
+        )
 
 
 def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None) -> None:
@@ -245,7 +252,8 @@ def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None) -> No
             f"train.finetune.cached_views={finetune.cached_views} needs a frozen lower part to cache, but "
             f"train.finetune.unfreeze_after={finetune.unfreeze_after!r} trains the whole base"
             + (" (auto means none with model.weights=null)" if finetune.unfreeze_after == "auto" else "")
-            + "; set train.finetune.unfreeze_after=mixed8 (or another layer), or train.finetune.cached_views=0")
+            + "; set train.finetune.unfreeze_after=mixed8 (or another layer), or train.finetune.cached_views=0"
+        )
 
 
 def validate_reused_views(t: TrainConfig) -> None:
@@ -253,23 +261,28 @@ def validate_reused_views(t: TrainConfig) -> None:
     if not t.finetune.reuse_head_views:
         return
     if not (t.head.epochs and t.head.cached_views and t.finetune.cached_views):
-        raise ConfigError("train.finetune.reuse_head_views=true trains the fine-tune phase on the head phase's "
-                          "cached views, so it needs train.head.epochs, train.head.cached_views and "
-                          "train.finetune.cached_views all above 0 (they are "
-                          f"{t.head.epochs}, {t.head.cached_views} and {t.finetune.cached_views})")
+        raise ConfigError(
+            "train.finetune.reuse_head_views=true trains the fine-tune phase on the head phase's "
+            "cached views, so it needs train.head.epochs, train.head.cached_views and "
+            "train.finetune.cached_views all above 0 (they are "
+            f"{t.head.epochs}, {t.head.cached_views} and {t.finetune.cached_views})"
+        )
     if t.head.cached_views != t.finetune.cached_views:
-        raise ConfigError(f"train.finetune.reuse_head_views=true: train.finetune.cached_views="
-                          f"{t.finetune.cached_views} must equal train.head.cached_views={t.head.cached_views}, "
-                          "since one pass computes the same views for both phases")
+        raise ConfigError(
+            f"train.finetune.reuse_head_views=true: train.finetune.cached_views="
+            f"{t.finetune.cached_views} must equal train.head.cached_views={t.head.cached_views}, "
+            "since one pass computes the same views for both phases"
+        )
 
 
-def validate_weights(weights: Optional[str]) -> None:
+def validate_weights(weights: str | None) -> None:
     if weights in (None, "imagenet"):
         return
     if not Path(weights).is_file():
         raise ConfigError(
             f"model.weights={weights!r}: no such file. Use 'imagenet', null (random init) "
-            "or the path of an InceptionV3 no-top weights file (.h5)")
+            "or the path of an InceptionV3 no-top weights file (.h5)"
+        )
 
 
 def validate_filename(pattern: str) -> None:
@@ -278,13 +291,16 @@ def validate_filename(pattern: str) -> None:
         if name not in FILENAME_FIELDS:
             raise ConfigError(
                 f"checkpoint.filename={pattern!r}: no metric fills '{{{name}}}'; "
-                f"placeholders can be {', '.join(FILENAME_FIELDS)}")
+                f"placeholders can be {', '.join(FILENAME_FIELDS)}"
+            )
     try:
         pattern.format(epoch=1, **{k: 0.5 for k in METRICS})
     except (ValueError, IndexError, KeyError) as err:
         raise ConfigError(f"checkpoint.filename={pattern!r} cannot be formatted: {err}") from None
     if "/" in pattern or pattern.startswith("."):
-        raise ConfigError(f"checkpoint.filename={pattern!r} must be a plain file name (set checkpoint.dir for the folder)")
+        raise ConfigError(
+            f"checkpoint.filename={pattern!r} must be a plain file name (set checkpoint.dir for the folder)"
+        )
 
 
 def at_least(key: str, value, low, why: str = "") -> None:

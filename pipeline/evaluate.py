@@ -6,6 +6,7 @@ writes the confusion matrix as text and as a PNG. A folder whose name the
 model does not know is an error naming it; images that cannot be read are
 listed and left out of the scores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="the final model file (.h5) that training saved")
     parser.add_argument("dir", metavar="DIR", help="a folder with one subfolder of images per class")
-    parser.add_argument("--out", type=Path, default=OUT,
-                        help=f"where the confusion matrix files go (default {OUT}/)")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"where the confusion matrix files go (default {OUT}/)")
     return parser.parse_args(argv)
 
 
@@ -38,8 +38,10 @@ def class_folders(root: Path, info: ModelInfo) -> list[Path]:
         raise CommandError(f"{root} has no class folders; expected {root}/<class>/<images>")
     unknown = [p.name for p in folders if p.name not in info.class_names]
     if unknown:
-        raise CommandError(f"class folder(s) in {root} that the model {info.path} does not know: "
-                           f"{', '.join(unknown)} (it knows {', '.join(info.class_names)})")
+        raise CommandError(
+            f"class folder(s) in {root} that the model {info.path} does not know: "
+            f"{', '.join(unknown)} (it knows {', '.join(info.class_names)})"
+        )
     return folders
 
 
@@ -54,8 +56,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     truth = {path: info.class_names.index(folder.name) for folder in folders for path in find_images(folder)}
     if not truth:
-        raise CommandError(f"no images in the class folders of {args.dir} "
-                           f"({EXTENSIONS_HINT})")
+        raise CommandError(f"no images in the class folders of {args.dir} ({EXTENSIONS_HINT})")
     model = load_model(info)
     true, predicted, unreadable = [], [], []
     for result in label_files(model, truth, info.image_size, info.interpolation, info.max_pixels):

@@ -7,6 +7,7 @@ class probabilities out, in the order of `labels.txt` written beside
 same input and output, beside the SavedModel folder. Decode and resize images as pipeline.predict does
 (data.load_image): the Inception scaling is inside the model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,15 @@ from pipeline.model_file.load import ModelInfo, load_model, read_model_info
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="the final model file (.h5) that training saved")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="the SavedModel folder (default: beside MODEL, named <model>_saved_model)")
-    parser.add_argument("--tflite", action="store_true", help="also write <model>.tflite beside the SavedModel, for TFLite / LiteRT")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the SavedModel folder (default: beside MODEL, named <model>_saved_model)",
+    )
+    parser.add_argument(
+        "--tflite", action="store_true", help="also write <model>.tflite beside the SavedModel, for TFLite / LiteRT"
+    )
     return parser.parse_args(argv)
 
 
@@ -37,8 +44,10 @@ def export(args: argparse.Namespace) -> int:
     start_tensorflow()
     model = load_model(info)
     export_saved_model(model, info, out)
-    print(f"saved model: {out} (signature 'serve': float32 pixels 0-255, shape (batch, {info.image_size}, "
-          f"{info.image_size}, 3) -> probabilities of {', '.join(info.class_names)}; labels in {out / 'labels.txt'})")
+    print(
+        f"saved model: {out} (signature 'serve': float32 pixels 0-255, shape (batch, {info.image_size}, "
+        f"{info.image_size}, 3) -> probabilities of {', '.join(info.class_names)}; labels in {out / 'labels.txt'})"
+    )
     if args.tflite:
         tflite = out.parent / (info.path.stem + ".tflite")
         export_tflite(model, tflite)

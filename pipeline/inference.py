@@ -4,6 +4,7 @@ The model carries Inception's scaling inside (a Rescaling layer, model.py), so
 what it takes is data.load_image's output: upright RGB, 0-255, resized with
 the run's interpolation. Nothing is rescaled here.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,8 @@ CHUNK = 32  # images decoded and predicted together
 @dataclass
 class Labelled:
     path: str
-    probabilities: np.ndarray | None = None      # one per class, summing to 1
-    error: str | None = None                     # why the file could not be read
+    probabilities: np.ndarray | None = None  # one per class, summing to 1
+    error: str | None = None  # why the file could not be read
 
 
 def predict_batch(model, x: np.ndarray) -> np.ndarray:
@@ -31,8 +32,9 @@ def predict_batch(model, x: np.ndarray) -> np.ndarray:
     return np.asarray(model(x, training=False))
 
 
-def label_files(model, paths: Iterable[str], image_size: int, interpolation: str,
-                max_pixels: int) -> Iterator[Labelled]:
+def label_files(
+    model, paths: Iterable[str], image_size: int, interpolation: str, max_pixels: int
+) -> Iterator[Labelled]:
     """One result per path, in order; a file that cannot be decoded gets its reason and the rest go on."""
     chunk: list[Labelled] = []
     pixels: list[np.ndarray] = []
@@ -78,6 +80,10 @@ def find_images(folder: Path) -> list[str]:
         check_link_cycles(folder)  # os.walk would follow a loop 40 levels deep
     except DataError as err:
         raise CommandError(str(err)) from None
-    found = [os.path.join(root, name) for root, _, names in os.walk(folder, followlinks=True)
-             for name in names if os.path.splitext(name)[1].lower() in INDEXED_EXTENSIONS]
+    found = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder, followlinks=True)
+        for name in names
+        if os.path.splitext(name)[1].lower() in INDEXED_EXTENSIONS
+    ]
     return sorted(found)

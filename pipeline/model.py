@@ -3,12 +3,12 @@
 The model takes raw RGB pixels 0-255 and carries Inception's scaling inside
 (a Rescaling layer), so whoever loads the saved file can feed a resized photo.
 """
+
 from __future__ import annotations
 
 import os
 import socket
 from pathlib import Path
-from typing import Optional
 
 import keras
 from keras import layers
@@ -20,8 +20,10 @@ BASE_NAME = "inception_v3"
 IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
 # PIPELINE_IMAGENET_URL points at a mirror (a file server inside a firewall, or a
 # dead address in the tests, which must fail the same way on any machine).
-IMAGENET_URL = os.environ.get("PIPELINE_IMAGENET_URL", "https://storage.googleapis.com/tensorflow/"
-                              "keras-applications/inception_v3/" + IMAGENET_FILE)
+IMAGENET_URL = os.environ.get(
+    "PIPELINE_IMAGENET_URL",
+    "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/" + IMAGENET_FILE,
+)
 IMAGENET_HASH = "bcbd6486424b2319ff4ef7d526e38f63"
 DOWNLOAD_TIMEOUT_S = 20
 
@@ -44,8 +46,7 @@ def build_model(cfg: ModelConfig, n_classes: int, image_size: int) -> keras.Mode
 
 
 def create_base(cfg: ModelConfig, image_size: int) -> keras.Model:
-    base = keras.applications.InceptionV3(
-        include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+    base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
     if cfg.weights is None:
         # Random BatchNorm statistics must be learnt from scratch; a faster
         # moving average lets them settle within the few hundred steps we train.
@@ -69,11 +70,13 @@ def fetch_imagenet_weights() -> Path:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return Path(keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models",
-                                         file_hash=IMAGENET_HASH))
+        return Path(keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models", file_hash=IMAGENET_HASH))
     except Exception as err:
-        cache = Path(keras.config.keras_home() if hasattr(keras.config, "keras_home")
-                     else Path.home() / ".keras") / "models" / IMAGENET_FILE
+        cache = (
+            Path(keras.config.keras_home() if hasattr(keras.config, "keras_home") else Path.home() / ".keras")
+            / "models"
+            / IMAGENET_FILE
+        )
         raise WeightsError(
             f"model.weights=imagenet: the ImageNet weights could not be downloaded ({err}).\n"
             f"Either put {IMAGENET_FILE} at {cache} or pass its path: model.weights=/path/to/{IMAGENET_FILE}\n"
@@ -87,7 +90,7 @@ def base_of(model: keras.Model) -> keras.Model:
     return model.get_layer(BASE_NAME)
 
 
-def resolve_unfreeze_after(value: str, pretrained: bool) -> Optional[str]:
+def resolve_unfreeze_after(value: str, pretrained: bool) -> str | None:
     """`auto` means the classic top two blocks when pretrained, the whole base otherwise."""
     if value == "auto":
         return "mixed8" if pretrained else None
@@ -100,11 +103,13 @@ def check_unfreeze_after(model: keras.Model, value: str) -> None:
     names = [layer.name for layer in base_of(model).layers]
     if value not in names:
         blocks = ", ".join(n for n in names if n.startswith("mixed") and "_" not in n)
-        raise ConfigError(f"train.finetune.unfreeze_after={value!r} is not an InceptionV3 layer; "
-                          f"use none, auto, or a block end such as {blocks}")
+        raise ConfigError(
+            f"train.finetune.unfreeze_after={value!r} is not an InceptionV3 layer; "
+            f"use none, auto, or a block end such as {blocks}"
+        )
 
 
-def set_trainable(model: keras.Model, phase: str, unfreeze_after: Optional[str], pretrained: bool) -> None:
+def set_trainable(model: keras.Model, phase: str, unfreeze_after: str | None, pretrained: bool) -> None:
     """Freeze what this phase must not change.
 
     head: the whole base is frozen. finetune: layers after `unfreeze_after`
@@ -127,8 +132,9 @@ def set_trainable(model: keras.Model, phase: str, unfreeze_after: Optional[str],
             frozen = False
 
 
-def make_optimizer(name: str, lr: float, schedule: str = "constant",
-                   decay_steps: int = 1) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    name: str, lr: float, schedule: str = "constant", decay_steps: int = 1
+) -> keras.optimizers.Optimizer:
     """The phase's optimizer; `cosine` decays the rate to 0 over the phase's steps.
 
     The decay follows the optimizer's step count, which checkpoints restore, so a
@@ -143,10 +149,14 @@ def make_optimizer(name: str, lr: float, schedule: str = "constant",
     return keras.optimizers.Adam(learning_rate=lr)
 
 
-def compile_model(model: keras.Model, optimizer_name: str, lr: float, schedule: str = "constant",
-                  decay_steps: int = 1) -> None:
+def compile_model(
+    model: keras.Model, optimizer_name: str, lr: float, schedule: str = "constant", decay_steps: int = 1
+) -> None:
     # optimizer= by keyword: positionally, a reloaded .keras file gets a different optimizer.
     # jit_compile=False: XLA was slower than plain TensorFlow on this CPU.
-    model.compile(optimizer=make_optimizer(optimizer_name, lr, schedule, decay_steps),
-                  loss="categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile=False)
+    model.compile(
+        optimizer=make_optimizer(optimizer_name, lr, schedule, decay_steps),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=False,
+    )

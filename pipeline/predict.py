@@ -8,6 +8,7 @@ as training finds them). One line per image:
 `--csv` prints the same as CSV with a header. A file that cannot be read gets
 `error: ...` on its line and the rest go on; the exit code is then 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,7 @@ def predict(args: argparse.Namespace) -> int:
 
     images = [str(p) for path in args.paths for p in (find_images(Path(path)) if Path(path).is_dir() else [path])]
     if not images:
-        raise CommandError(f"no images in {', '.join(args.paths)} "
-                           f"({EXTENSIONS_HINT})")
+        raise CommandError(f"no images in {', '.join(args.paths)} ({EXTENSIONS_HINT})")
     model = load_model(info)
     k = min(args.top_k, len(info.class_names))
     write = make_writer(args.csv, k)
@@ -53,8 +53,11 @@ def predict(args: argparse.Namespace) -> int:
             failed += 1
             write(result.path, [], f"error: {result.error}")
         else:
-            write(result.path, [(info.class_names[i], result.probabilities[i]) for i in top_k(result.probabilities, k)],
-                  "")
+            write(
+                result.path,
+                [(info.class_names[i], result.probabilities[i]) for i in top_k(result.probabilities, k)],
+                "",
+            )
     if failed:
         print(f"{failed} of {len(images)} images could not be read", file=sys.stderr)
     return 1 if failed else 0
@@ -71,11 +74,13 @@ def make_writer(as_csv: bool, k: int):
             cells = [v for name, p in pairs for v in (name, f"{p:.4f}")] or [""] * (2 * k)
             out.writerow([path, *cells, error])
             sys.stdout.flush()
+
         return write_csv
 
     def write_tsv(path, pairs, error):
         cells = [v for name, p in pairs for v in (name, f"{p:.4f}")] or [error]
         print("\t".join([path, *cells]), flush=True)
+
     return write_tsv
 
 

@@ -1,4 +1,5 @@
 """Starting TensorFlow without its start-up noise."""
+
 import os
 
 

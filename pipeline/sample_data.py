@@ -1,4 +1,5 @@
 """`python -m pipeline.sample_data [DIR]`: the public command that writes the sample data set (pipeline/data/sample_data.py)."""
+
 import sys
 
 from pipeline.data.sample_data import main

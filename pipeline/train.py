@@ -1,4 +1,5 @@
 """The stages in order: data -> model -> resume plan -> head phase -> fine-tune phase -> final save."""
+
 from __future__ import annotations
 
 import math
@@ -6,29 +7,40 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional
 
 import keras
 import tensorflow as tf
 
-from pipeline.reports import console as summary
-from pipeline.training.batch_saver import BatchSaver, Preempted, StopFlag
-from pipeline.training.cached_phase import Feed, check_cached_cut, make_feed
+from pipeline.checkpoints.resume import plan_resume, restore_newest_usable
 from pipeline.checkpoints.store import Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints
 from pipeline.checkpoints.writer import CheckpointWriter, prune_and_announce
-from pipeline.distribute.tf_config import WorkerRole, read_worker_role
 from pipeline.config import Config, ConfigError, PhaseConfig
 from pipeline.data.dataset import DataError, DataSet, ensure_sample_data, read_dataset, validation_batches
-from pipeline.distribute.strategy import distribute_batches, make_strategy, prepare_model_for_strategy, scratch_folder, strategy_scope
-from pipeline.model_file.save import read_metadata, save_final
-from pipeline.reports.history import start_history
 from pipeline.data.image_check import check_images
-from pipeline.model import (WeightsError, build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after,
-                    set_trainable)
-from pipeline.training.precision import set_precision
+from pipeline.distribute.strategy import (
+    distribute_batches,
+    make_strategy,
+    prepare_model_for_strategy,
+    scratch_folder,
+    strategy_scope,
+)
+from pipeline.distribute.tf_config import WorkerRole, read_worker_role
+from pipeline.model import (
+    WeightsError,
+    build_model,
+    check_unfreeze_after,
+    compile_model,
+    resolve_unfreeze_after,
+    set_trainable,
+)
+from pipeline.model_file.save import read_metadata, save_final
+from pipeline.reports import console as summary
+from pipeline.reports.history import start_history
 from pipeline.reports.report import write_missing_report, write_run_report
-from pipeline.checkpoints.resume import plan_resume, restore_newest_usable
+from pipeline.training.batch_saver import BatchSaver, Preempted, StopFlag
+from pipeline.training.cached_phase import Feed, check_cached_cut, make_feed
 from pipeline.training.first_step_timer import FirstStepTimer
+from pipeline.training.precision import set_precision
 
 # Errors whose message tells the user what to fix; the entry point prints them without a traceback.
 USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError)
@@ -44,19 +56,20 @@ class Phase:
 @dataclass
 class Session:
     """What the stages of one run share."""
+
     cfg: Config
     data: DataSet
     model: keras.Model
     fingerprint: dict
-    writer: Optional[CheckpointWriter] = None
+    writer: CheckpointWriter | None = None
     # Where checkpoints and the final model are written: `cfg` itself, except on a
     # non-chief worker of a multi-worker run, whose copies go to a scratch folder.
-    out: Optional[Config] = None
-    strategy: Optional[tf.distribute.Strategy] = None
+    out: Config | None = None
+    strategy: tf.distribute.Strategy | None = None
     state: TrainState = field(default_factory=TrainState)
     last_logs: dict = field(default_factory=dict)
     stop: StopFlag = field(default_factory=StopFlag)
-    feed: Optional[Feed] = None   # what the current phase's fit() runs on (cached_phase.py)
+    feed: Feed | None = None  # what the current phase's fit() runs on (cached_phase.py)
     callbacks: list = field(default_factory=list)  # per-epoch records (history.py), passed to every fit
 
     @property
@@ -64,7 +77,7 @@ class Session:
         return self.cfg.model.weights is not None
 
     @property
-    def unfreeze_after(self) -> Optional[str]:
+    def unfreeze_after(self) -> str | None:
         return resolve_unfreeze_after(self.cfg.train.finetune.unfreeze_after, self.pretrained)
 
     def prepare(self, state: TrainState) -> keras.Model:
@@ -108,7 +121,7 @@ def plan_phases(cfg: Config) -> list[Phase]:
     return [Phase(name, getattr(cfg.train, name)) for name in PHASE_ORDER if getattr(cfg.train, name).epochs > 0]
 
 
-def advance(state: TrainState, phases: list[Phase]) -> Optional[Phase]:
+def advance(state: TrainState, phases: list[Phase]) -> Phase | None:
     """Move `state` past finished phases; the phase to train next, or None when all are done."""
     for phase in phases:
         if PHASE_ORDER.index(phase.name) < PHASE_ORDER.index(state.phase):
@@ -134,7 +147,7 @@ def make_fingerprint(cfg: Config, data: DataSet) -> dict:
     }
 
 
-def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("outputs/default")) -> dict:
+def run(cfg: Config, resume: bool | None = None, report_dir: Path = Path("outputs/default")) -> dict:
     """Train (or continue training) and save the final model; return the closing summary.
 
     `report_dir` is the run's output folder (Hydra's), for reports such as the bad-image list.
@@ -149,13 +162,22 @@ def run(cfg: Config, resume: Optional[bool] = None, report_dir: Path = Path("out
             out = replace(out, checkpoint=replace(out.checkpoint, asynchronous=False))
         if scratch is None:
             return train_and_save(cfg, out, resume, report_dir, strategy)
-        out = replace(out, checkpoint=replace(out.checkpoint, dir=f"{scratch}/ckpt"),
-                      model=replace(out.model, save_path=f"{scratch}/model.h5"))
+        out = replace(
+            out,
+            checkpoint=replace(out.checkpoint, dir=f"{scratch}/ckpt"),
+            model=replace(out.model, save_path=f"{scratch}/model.h5"),
+        )
         return train_and_save(cfg, out, resume, Path(scratch), strategy, read_only=True)
 
 
-def train_and_save(cfg: Config, out: Config, resume: Optional[bool], report_dir: Path,
-                   strategy: Optional[tf.distribute.Strategy], read_only: bool = False) -> dict:
+def train_and_save(
+    cfg: Config,
+    out: Config,
+    resume: bool | None,
+    report_dir: Path,
+    strategy: tf.distribute.Strategy | None,
+    read_only: bool = False,
+) -> dict:
     """The stages in order, reading checkpoints from cfg's paths and writing to out's."""
     started = time.time()
     ensure_sample_data(cfg.data)
@@ -173,11 +195,14 @@ def train_and_save(cfg: Config, out: Config, resume: Optional[bool], report_dir:
     phases = plan_phases(cfg)
     done = finished_run(cfg, plan.candidates[0] if plan.candidates else None, phases)
     if done:
-        print(f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
-              f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh).")
+        print(
+            f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
+            f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh)."
+        )
         write_missing_report(report_dir, cfg, data, done.state, done.manifest.get("logs", {}))
-        return summary.outcome(cfg, done.state, done.manifest.get("logs", {}), time.time() - started,
-                               "already complete")
+        return summary.outcome(
+            cfg, done.state, done.manifest.get("logs", {}), time.time() - started, "already complete"
+        )
     session.writer = CheckpointWriter(out.checkpoint, session.fingerprint, model, prune_and_announce(out.checkpoint))
     restored = restore_newest_usable(plan, session.prepare)
     if restored:
@@ -192,12 +217,13 @@ def train_and_save(cfg: Config, out: Config, resume: Optional[bool], report_dir:
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
     save_final(model, Path(out.model.save_path), final_metadata(session))
     feed = session.feed
-    write_run_report(report_dir, out, data, model, session.state, session.last_logs,
-                     (feed.model, feed.validation) if feed else None)
+    write_run_report(
+        report_dir, out, data, model, session.state, session.last_logs, (feed.model, feed.validation) if feed else None
+    )
     return summary.print_closing(out, session.state, session.last_logs, time.time() - started)
 
 
-def train_phases(session: Session, phases: list[Phase], compiled_for: Optional[str]) -> None:
+def train_phases(session: Session, phases: list[Phase], compiled_for: str | None) -> None:
     """Run the remaining epochs of every phase, recompiling when the phase changes."""
     if session.cfg.distribute.strategy != "multi_worker":
         # Workers would see SIGTERM at different batches and wait on each other
@@ -210,12 +236,14 @@ def train_phases(session: Session, phases: list[Phase], compiled_for: Optional[s
                 compiled_for = phase.name
             if session.feed is None or session.feed.phase != phase.name:
                 first_epoch = session.state.epoch - session.state.phase_epoch
-                session.feed = make_feed(session.model, session.data, session.cfg, phase.name, first_epoch,
-                                         session.unfreeze_after)
+                session.feed = make_feed(
+                    session.model, session.data, session.cfg, phase.name, first_epoch, session.unfreeze_after
+                )
             fit_epoch(session, phase, session.feed)
             if session.stop.raised:  # SIGTERM arrived during validation or the checkpoint
-                raise Preempted(f"stopped on SIGTERM after epoch {session.state.epoch}; "
-                                "run the same command to continue")
+                raise Preempted(
+                    f"stopped on SIGTERM after epoch {session.state.epoch}; run the same command to continue"
+                )
     finally:
         session.stop.uninstall()
         # The last checkpoint commits (or its error surfaces) before the final save and exit.
@@ -225,29 +253,35 @@ def train_phases(session: Session, phases: list[Phase], compiled_for: Optional[s
 def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
     """Train one epoch of `phase` from state.batch on, then checkpoint as configured."""
     cfg, state = session.cfg, session.state
-    print(f"{phase.name} epoch {state.phase_epoch + 1}/{phase.cfg.epochs} "
-          f"(epoch {state.epoch + 1} overall)", flush=True)
+    print(
+        f"{phase.name} epoch {state.phase_epoch + 1}/{phase.cfg.epochs} (epoch {state.epoch + 1} overall)", flush=True
+    )
     batches = feed.train(state.epoch, state.batch)
 
     def save_mid_epoch(done: int, logs: dict) -> str:
         state.batch = done
         return write_checkpoint(session, {**logs, "val_loss": float("nan"), "val_accuracy": float("nan")})
 
-    saver = BatchSaver(save_mid_epoch, cfg.checkpoint.every_batches, state.batch,
-                       batches.batches_per_epoch, session.stop)
+    saver = BatchSaver(
+        save_mid_epoch, cfg.checkpoint.every_batches, state.batch, batches.batches_per_epoch, session.stop
+    )
     train_data, validation = batches, feed.validation
     if session.strategy:  # cached phases are refused with distribute (config.py)
         train_data = distribute_batches(batches, session.strategy)
         validation = distribute_batches(feed.validation, session.strategy)
     # shuffle=False: Batches already shuffles by (seed, epoch). fit() would reorder
     # batches with Python's global `random`, whose state a resumed process does not share.
-    history = feed.model.fit(train_data, validation_data=validation, epochs=1, shuffle=False,
-                             callbacks=[saver, FirstStepTimer(), *session.callbacks],
-                             verbose=1 if sys.stdout.isatty() else 2)
+    history = feed.model.fit(
+        train_data,
+        validation_data=validation,
+        epochs=1,
+        shuffle=False,
+        callbacks=[saver, FirstStepTimer(), *session.callbacks],
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
     session.last_logs = {k: float(v[-1]) for k, v in history.history.items()}
     state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
-    if (state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs
-            or session.stop.raised):
+    if state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs or session.stop.raised:
         write_checkpoint(session, session.last_logs)
 
 
@@ -268,7 +302,7 @@ def write_checkpoint(session: Session, logs: dict) -> str:
     return stem
 
 
-def monitor_improved(cfg: Config, value: Optional[float], best: Optional[float]) -> bool:
+def monitor_improved(cfg: Config, value: float | None, best: float | None) -> bool:
     if value is None or value != value:  # NaN: mid-epoch checkpoints have no validation yet
         return False
     if best is None:
@@ -282,13 +316,18 @@ def monitor_improved(cfg: Config, value: Optional[float], best: Optional[float])
 def final_metadata(session: Session) -> dict:
     cfg, state = session.out, session.state
     found = list_checkpoints(Path(cfg.checkpoint.dir))
-    return {"class_names": session.data.class_names, "image_size": cfg.data.image_size,
-            "final_checkpoint": found[-1].identity if found else None, "lineage": state.lineage,
-            "best": {"monitor": cfg.checkpoint.monitor, "value": state.best, "checkpoint": state.best_stem},
-            "last_logs": session.last_logs, "config": asdict(cfg)}
+    return {
+        "class_names": session.data.class_names,
+        "image_size": cfg.data.image_size,
+        "final_checkpoint": found[-1].identity if found else None,
+        "lineage": state.lineage,
+        "best": {"monitor": cfg.checkpoint.monitor, "value": state.best, "checkpoint": state.best_stem},
+        "last_logs": session.last_logs,
+        "config": asdict(cfg),
+    }
 
 
-def finished_run(cfg: Config, newest: Optional[Checkpoint], phases: list[Phase]) -> Optional[Checkpoint]:
+def finished_run(cfg: Config, newest: Checkpoint | None, phases: list[Phase]) -> Checkpoint | None:
     """The newest checkpoint if training is done and the final model came from it."""
     if newest is None or advance(newest.state, phases) is not None:
         return None

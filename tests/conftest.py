@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny real data set and a runner for the real CLI."""
+
 from __future__ import annotations
 
 import os
@@ -31,21 +32,35 @@ def cli_env(**extra) -> dict:
     return env
 
 
-def run_cli(*overrides, cwd: Path, timeout: float = 600, env: dict | None = None,
-            module: str = "pipeline") -> subprocess.CompletedProcess:
+def run_cli(
+    *overrides, cwd: Path, timeout: float = 600, env: dict | None = None, module: str = "pipeline"
+) -> subprocess.CompletedProcess:
     """Run `python -m pipeline OVERRIDES` the way a user does; output captured as text."""
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, env=env or cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *overrides],
+        cwd=cwd,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_args(tmp: Path, data: Path, *extra) -> list[str]:
     """Overrides that keep a run's data, checkpoints, model and logs inside `tmp`."""
-    return [*SMOKE, f"data.dir={data}", f"checkpoint.dir={tmp / 'ckpt'}",
-            f"model.save_path={tmp / 'model' / 'final.h5'}", f"hydra.run.dir={tmp / 'outputs'}",
-            f"train.cache_dir={tmp / 'cache'}", *extra]
+    return [
+        *SMOKE,
+        f"data.dir={data}",
+        f"checkpoint.dir={tmp / 'ckpt'}",
+        f"model.save_path={tmp / 'model' / 'final.h5'}",
+        f"hydra.run.dir={tmp / 'outputs'}",
+        f"train.cache_dir={tmp / 'cache'}",
+        *extra,
+    ]
 
 
 def sweep_args(tmp: Path, data: Path, *extra) -> list[str]:
     """run_args for `-m`: the sweep folder instead of the single run's folder."""
     return [a for a in run_args(tmp, data, *extra) if not a.startswith("hydra.run")] + [
-        f"hydra.sweep.dir={tmp / 'multirun'}"]
+        f"hydra.sweep.dir={tmp / 'multirun'}"
+    ]

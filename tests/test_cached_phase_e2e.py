@@ -5,6 +5,7 @@ A scratch base in inference mode (its BatchNorm statistics still the initial
 alike. These tests use a base whose BatchNorm statistics were measured on the
 tiny images, so features are of order 1 and a difference would show.
 """
+
 from __future__ import annotations
 
 import signal
@@ -17,10 +18,10 @@ import pytest
 from conftest import REPO, cli_env, run_args, run_cli
 from keras import layers
 
-from pipeline.training.cached_phase import split_at
 from pipeline.config import DataConfig, ModelConfig
 from pipeline.data.dataset import load_image, read_dataset, validation_batches
 from pipeline.model import build_model
+from pipeline.training.cached_phase import split_at
 
 pytestmark = pytest.mark.e2e
 # Head 2 epochs, then the top blocks (auto = mixed8 with a weights file) for 1 epoch.
@@ -65,8 +66,9 @@ def cached_reference(tmp_path_factory, tiny_data, calibrated_weights):
     return tmp, final_weights(tmp)
 
 
-def test_cached_phases_end_with_the_weights_of_uncached_training(cached_reference, tmp_path, tiny_data,
-                                                                  calibrated_weights):
+def test_cached_phases_end_with_the_weights_of_uncached_training(
+    cached_reference, tmp_path, tiny_data, calibrated_weights
+):
     # K views of a K-epoch phase are exactly the augmentations the uncached run draws
     result = run_cli(*args_for(tmp_path, tiny_data, calibrated_weights), cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -76,12 +78,17 @@ def test_cached_phases_end_with_the_weights_of_uncached_training(cached_referenc
     # ...and the comparison means something: the head moved far more than the tolerance after epoch 1
     after_epoch_1 = keras.models.load_model(min((tmp_path / "ckpt").glob("transfer_*.h5")), compile=False)
     final = keras.models.load_model(tmp_path / "model" / "final.h5", compile=False)
-    assert largest_difference([after_epoch_1.get_layer("predictions").kernel.numpy()],
-                              [final.get_layer("predictions").kernel.numpy()]) > 1e-4
+    assert (
+        largest_difference(
+            [after_epoch_1.get_layer("predictions").kernel.numpy()], [final.get_layer("predictions").kernel.numpy()]
+        )
+        > 1e-4
+    )
 
 
-def test_kill_9_while_caching_and_in_the_cached_phase_then_resume_exactly(cached_reference, tmp_path, tiny_data,
-                                                                          calibrated_weights):
+def test_kill_9_while_caching_and_in_the_cached_phase_then_resume_exactly(
+    cached_reference, tmp_path, tiny_data, calibrated_weights
+):
     args = args_for(tmp_path, tiny_data, calibrated_weights, *CACHED)
     killed = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_KILL_AT="cache_before_rename"))
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
@@ -106,12 +113,20 @@ def test_mixed_bfloat16_checkpoints_resume_and_its_final_model_loads(tmp_path, t
     resumed = run_cli(*args, cwd=REPO)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resume: from checkpoint transfer_02-" in resumed.stdout
-    script = ("import sys, numpy as np, keras\n"
-              "m = keras.models.load_model(sys.argv[1])\n"
-              "p = m.predict(np.full((1, 75, 75, 3), 128.0, 'float32'), verbose=0)\n"
-              "print(m.get_layer('predictions').dtype_policy.name, p.dtype, round(float(p.sum()), 3))\n")
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model" / "final.h5")], check=False,
-                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    script = (
+        "import sys, numpy as np, keras\n"
+        "m = keras.models.load_model(sys.argv[1])\n"
+        "p = m.predict(np.full((1, 75, 75, 3), 128.0, 'float32'), verbose=0)\n"
+        "print(m.get_layer('predictions').dtype_policy.name, p.dtype, round(float(p.sum()), 3))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "model" / "final.h5")],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-3:] == ["float32", "float32", "1.0"]
 

@@ -1,4 +1,5 @@
 """Checkpoints: every format round-trips exactly and loads the seed's way; atomic, verified, pruned."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.checkpoints.store import (MANIFEST, PENDING, SUFFIXES, TrainState, archive_all, checkpoint_stem,
-                                 clean_leftovers, list_checkpoints, prune, restore, save_checkpoint, verify)
+from pipeline.checkpoints.store import (
+    MANIFEST,
+    PENDING,
+    SUFFIXES,
+    TrainState,
+    archive_all,
+    checkpoint_stem,
+    clean_leftovers,
+    list_checkpoints,
+    prune,
+    restore,
+    save_checkpoint,
+    verify,
+)
 from pipeline.config import CheckpointConfig, ModelConfig
 from pipeline.model import build_model, compile_model, set_trainable
 
@@ -66,8 +79,10 @@ def test_every_format_round_trips_weights_optimizer_and_dropout_state(tmp_path, 
     for a, b in zip(source.optimizer.variables, model.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert model.optimizer.iterations.numpy() == 2
-    np.testing.assert_array_equal(source.get_layer("dropout").seed_generator.state.numpy(),
-                                  model.get_layer("dropout").seed_generator.state.numpy())
+    np.testing.assert_array_equal(
+        source.get_layer("dropout").seed_generator.state.numpy(),
+        model.get_layer("dropout").seed_generator.state.numpy(),
+    )
 
 
 @pytest.mark.parametrize("fmt", ["keras", "h5"])
@@ -120,7 +135,8 @@ def test_uncommitted_files_are_invisible_and_cleaned_up(tmp_path, source):
     assert [c.stem for c in list_checkpoints(tmp_path)] == [ckpt.stem]
     clean_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [ckpt.stem + MANIFEST, ckpt.stem + ".weights.h5", ckpt.stem + ".state.npz", "my_own_notes.txt"])
+        [ckpt.stem + MANIFEST, ckpt.stem + ".weights.h5", ckpt.stem + ".state.npz", "my_own_notes.txt"]
+    )
 
 
 def test_prune_keeps_the_newest_and_the_best(tmp_path, source):

@@ -1,6 +1,7 @@
 """Background checkpoint writes: the files hold the model as it was at submit time,
 a failure surfaces as the same CheckpointError, and a kill -9 mid-write leaves the
 previous checkpoint usable."""
+
 from __future__ import annotations
 
 import signal
@@ -110,14 +111,21 @@ KILLED_MID_WRITE = textwrap.dedent("""
 
 @pytest.mark.parametrize("kill_at", ["after_write#2", "before_manifest#2"])
 def test_kill_9_during_a_background_write_keeps_the_previous_checkpoint(tmp_path, kill_at):
-    run = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path / "ckpt")],
-                         cwd=REPO / "tests", env=cli_env(PIPELINE_KILL_AT=kill_at),
-                         capture_output=True, text=True, timeout=300, check=False)
+    run = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path / "ckpt")],
+        cwd=REPO / "tests",
+        env=cli_env(PIPELINE_KILL_AT=kill_at),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == -signal.SIGKILL, run.stdout + run.stderr
     assert "submitted 2" in run.stdout and "not killed" not in run.stdout
     clean_leftovers(tmp_path / "ckpt")
     found = list_checkpoints(tmp_path / "ckpt")
     assert [c.stem for c in found] == ["epoch1"] and verify(found[0]) is None
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(
-        ["epoch1.manifest.json", "epoch1.keras", "epoch1.state.npz"])
+        ["epoch1.manifest.json", "epoch1.keras", "epoch1.state.npz"]
+    )
     restore(fresh_model(), found[0])

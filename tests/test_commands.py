@@ -5,6 +5,7 @@ the fine-tune epoch was logged but before its checkpoint committed, then
 resumed from the mid-epoch checkpoint before it. So its history has an orphan
 row to drop, and its report, model and curves come from a resumed run.
 """
+
 from __future__ import annotations
 
 import csv
@@ -108,8 +109,15 @@ def test_predict_labels_every_image_and_goes_on_past_a_broken_one(run, tiny_data
     tmp, _, _ = run
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
-    result = run_cli(str(tmp / "model" / "final.h5"), str(tiny_data / "validation"), str(broken), "--top-k", "2",
-                     cwd=REPO, module="pipeline.predict")
+    result = run_cli(
+        str(tmp / "model" / "final.h5"),
+        str(tiny_data / "validation"),
+        str(broken),
+        "--top-k",
+        "2",
+        cwd=REPO,
+        module="pipeline.predict",
+    )
     assert result.returncode == 1, result.stderr
     lines = [line.split("\t") for line in result.stdout.splitlines()]
     assert [cells[0] for cells in lines] == images_in(tiny_data / "validation") + [str(broken)]
@@ -125,8 +133,13 @@ def test_predict_labels_every_image_and_goes_on_past_a_broken_one(run, tiny_data
     matrix = report_matrix((tmp / "outputs" / "report.md").read_text())
     assert np.bincount(predicted, minlength=3).tolist() == matrix.sum(axis=0).tolist()
 
-    as_csv = run_cli(str(tmp / "model" / "final.h5"), str(tiny_data / "train" / "circle"), "--csv",
-                     cwd=REPO, module="pipeline.predict")
+    as_csv = run_cli(
+        str(tmp / "model" / "final.h5"),
+        str(tiny_data / "train" / "circle"),
+        "--csv",
+        cwd=REPO,
+        module="pipeline.predict",
+    )
     assert as_csv.returncode == 0, as_csv.stderr
     rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
     assert len(rows) == len(images_in(tiny_data / "train" / "circle"))
@@ -135,8 +148,14 @@ def test_predict_labels_every_image_and_goes_on_past_a_broken_one(run, tiny_data
 
 def test_evaluate_scores_a_folder_tree_and_writes_the_matrix(run, tiny_data, tmp_path):
     tmp, _, _ = run
-    result = run_cli(str(tmp / "model" / "final.h5"), str(tiny_data / "validation"), "--out", str(tmp_path),
-                     cwd=REPO, module="pipeline.evaluate")
+    result = run_cli(
+        str(tmp / "model" / "final.h5"),
+        str(tiny_data / "validation"),
+        "--out",
+        str(tmp_path),
+        cwd=REPO,
+        module="pipeline.evaluate",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     total = len(images_in(tiny_data / "validation"))
     hits, count = map(int, re.search(r"^accuracy \S+ \((\d+)/(\d+)\)$", result.stdout, re.MULTILINE).groups())
@@ -160,8 +179,7 @@ def test_export_writes_a_saved_model_and_tflite_that_agree_with_keras(run, tiny_
 
     tmp, _, _ = run
     out = tmp_path / "served"
-    result = run_cli(str(tmp / "model" / "final.h5"), "--out", str(out), "--tflite", cwd=REPO,
-                     module="pipeline.export")
+    result = run_cli(str(tmp / "model" / "final.h5"), "--out", str(out), "--tflite", cwd=REPO, module="pipeline.export")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (out / "labels.txt").read_text().split() == CLASSES
     x = load_image(images_in(tiny_data / "validation")[0], 75)[None]
@@ -189,5 +207,9 @@ def test_bad_input_is_one_error_line_naming_it(run, tiny_data, tmp_path):
     one_error_line(run_cli(model, str(tmp_path / "nowhere"), cwd=REPO, module="pipeline.predict"), "nowhere")
     one_error_line(run_cli(model, str(tmp_path / "nowhere"), cwd=REPO, module="pipeline.evaluate"), "nowhere")
     # a class the model does not know: named, along with the classes it does know
-    one_error_line(run_cli(model, str(tiny_data / "train" / ".."), cwd=REPO, module="pipeline.evaluate"),
-                   "train", "validation", "circle, square, triangle")
+    one_error_line(
+        run_cli(model, str(tiny_data / "train" / ".."), cwd=REPO, module="pipeline.evaluate"),
+        "train",
+        "validation",
+        "circle, square, triangle",
+    )

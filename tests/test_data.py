@@ -1,4 +1,5 @@
 """The generators: indexing, label order, the held-out split, batches keyed to (seed, epoch, batch)."""
+
 from __future__ import annotations
 
 import shutil
@@ -93,7 +94,7 @@ def test_every_training_image_is_seen_once_per_epoch(tiny_data):
     cfg = config(tiny_data)
     data = read_dataset(cfg)
     batches = train_batches(data, cfg, seed=0, epoch=0)
-    seen = np.concatenate([batches.order[i * 4:(i + 1) * 4] for i in range(len(batches))])
+    seen = np.concatenate([batches.order[i * 4 : (i + 1) * 4] for i in range(len(batches))])
     assert sorted(seen.tolist()) == list(range(12))
     labels = np.concatenate([batches[i][1].argmax(1) for i in range(len(batches))])
     assert np.bincount(labels).tolist() == [4, 4, 4]

@@ -1,5 +1,6 @@
 """Multi-worker training: TF_CONFIG, how a global batch is split, and two real
 local workers that are killed with SIGKILL and resumed by the same command."""
+
 from __future__ import annotations
 
 import json
@@ -12,18 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, SMOKE, cli_env, run_args, run_cli
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import REPO, SMOKE, cli_env, run_args, run_cli
-from pipeline.distribute.tf_config import check_tf_config, read_worker_role
 from pipeline.config import ConfigError, DistributeConfig, imply_multi_worker, validate_distribute
 from pipeline.data.dataset import read_dataset, train_batches
 from pipeline.distribute.local_workers import quote
+from pipeline.distribute.tf_config import check_tf_config, read_worker_role
 
 
 def tf_config(index, workers=2, task_type="worker"):
-    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{2000 + i}" for i in range(workers)]},
-                       "task": {"type": task_type, "index": index}})
+    return json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{2000 + i}" for i in range(workers)]},
+            "task": {"type": task_type, "index": index},
+        }
+    )
 
 
 @pytest.mark.parametrize("index, chief", [(0, True), (1, False), (2, False)])
@@ -33,12 +38,15 @@ def test_worker_zero_is_the_chief(monkeypatch, index, chief):
     assert (role.index, role.count, role.is_chief) == (index, 3, chief)
 
 
-@pytest.mark.parametrize("value, words", [
-    (None, "needs TF_CONFIG"),
-    ("{not json", "not a valid cluster description"),
-    (json.dumps({"cluster": {}}), "not a valid cluster description"),
-    (tf_config(5), "does not list"),
-])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        (None, "needs TF_CONFIG"),
+        ("{not json", "not a valid cluster description"),
+        (json.dumps({"cluster": {}}), "not a valid cluster description"),
+        (tf_config(5), "does not list"),
+    ],
+)
 def test_bad_tf_config_is_refused_with_the_remedy(monkeypatch, value, words):
     if value is None:
         monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -109,8 +117,9 @@ def test_two_local_workers_killed_with_sigkill_resume_and_finish(tmp_path, tiny_
     command resumes from it, finishes, and only the chief wrote checkpoints and the model."""
     args = [*run_args(tmp_path, tiny_data, "distribute.local_workers=2"), *SMOKE]
     command = [sys.executable, "-m", "pipeline", *args]
-    first = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     ckpt = tmp_path / "ckpt"
     deadline = time.time() + 900
     workers = []
@@ -141,11 +150,22 @@ def test_two_local_workers_killed_with_sigkill_resume_and_finish(tmp_path, tiny_
     written = sorted(p.name for p in ckpt.iterdir())
     assert len(written) == 6 and all(p.startswith(("transfer_01-", "transfer_02-")) for p in written), written
     assert (tmp_path / "outputs" / "worker-1.log").is_file()
-    loaded = subprocess.run([sys.executable, "-c", (
-        "import keras, numpy as np, sys; m = keras.models.load_model(sys.argv[1]); "
-        "p = m.predict(np.zeros((2, 75, 75, 3), 'float32'), verbose=0); "
-        "assert p.shape == (2, 3) and np.allclose(p.sum(1), 1, atol=1e-4); print('ok')"), str(model_file)],
-        capture_output=True, text=True, env=cli_env(), timeout=300)
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import keras, numpy as np, sys; m = keras.models.load_model(sys.argv[1]); "
+                "p = m.predict(np.zeros((2, 75, 75, 3), 'float32'), verbose=0); "
+                "assert p.shape == (2, 3) and np.allclose(p.sum(1), 1, atol=1e-4); print('ok')"
+            ),
+            str(model_file),
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
     assert loaded.stdout.strip().endswith("ok"), loaded.stdout + loaded.stderr
 
 
@@ -153,6 +173,7 @@ def test_two_local_workers_killed_with_sigkill_resume_and_finish(tmp_path, tiny_
 def test_mirrored_strategy_trains_like_a_single_process(tmp_path, tiny_data):
     """distribute=mirrored (one CPU replica here) goes through the same split feed and
     must log the same first epoch as a plain run of the same configuration."""
+
     def first_epoch_line(run_dir, *extra):
         result = run_cli(*run_args(run_dir, tiny_data, "train.finetune.epochs=0", *extra), cwd=REPO)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -1,4 +1,5 @@
 """The real CLI in subprocesses: train, rerun, kill -9 and resume, refusals."""
+
 from __future__ import annotations
 
 import csv
@@ -12,7 +13,6 @@ import time
 import keras
 import numpy as np
 import pytest
-
 from conftest import REPO, cli_env, run_args, run_cli, sweep_args
 
 pytestmark = pytest.mark.e2e
@@ -55,9 +55,15 @@ def test_saved_model_loads_in_a_fresh_process_and_labels_raw_pixels(finished, ti
         "m = keras.models.load_model(sys.argv[1])\n"
         "x = np.asarray(Image.open(sys.argv[2]).convert('RGB').resize((75, 75)), dtype='float32')[None]\n"
         "p = m.predict(x, verbose=0)[0]\n"
-        "print(len(p), round(float(p.sum()), 4))\n")
-    out = subprocess.run([sys.executable, "-c", script, str(tmp / "model" / "final.h5"), str(image)],
-                         capture_output=True, text=True, env=cli_env(), timeout=300)
+        "print(len(p), round(float(p.sum()), 4))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp / "model" / "final.h5"), str(image)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-2:] == ["3", "1.0"]
 
@@ -76,8 +82,14 @@ def test_rerun_of_a_finished_run_does_nothing(finished, tiny_data):
 
 def test_kill_9_after_a_checkpoint_then_same_command_resumes_exactly(finished, tmp_path, tiny_data):
     args = run_args(tmp_path, tiny_data)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("checkpoint:"):
@@ -182,8 +194,9 @@ def test_multirun_jobs_never_share_checkpoints_or_models(tmp_path, tiny_data):
 def test_optuna_search_runs_trials_and_names_the_best(tmp_path, tiny_data):
     args = sweep_args(tmp_path, tiny_data, "train.finetune.epochs=0")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    result = run_cli("-m", "hparams_search=optuna", *args, "hydra.sweeper.n_trials=2",
-                     f"hydra.sweeper.storage={storage}", cwd=REPO)
+    result = run_cli(
+        "-m", "hparams_search=optuna", *args, "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", cwd=REPO
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     output = result.stdout + result.stderr
     assert "Best parameters" in output and "Best value" in output

@@ -1,4 +1,5 @@
 """The feature cache: reused while nothing changed, replaced when something did, never half-trusted."""
+
 from __future__ import annotations
 
 import os
@@ -7,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.training.cached_phase import CachedBatches
 from pipeline.config import DataConfig
 from pipeline.data.dataset import read_dataset, train_batches
+from pipeline.training.cached_phase import CachedBatches
 from pipeline.training.feature_cache import INCOMING, load_or_compute, make_key
 
 
@@ -93,4 +94,4 @@ def test_cached_batches_serve_the_uncached_epoch_order(data_dir):
         x, y = cached[i]
         _, y_uncached = uncached[i]
         np.testing.assert_array_equal(y, y_uncached)
-        np.testing.assert_array_equal(x[:, 0], uncached.order[(i + 1) * 5:(i + 2) * 5])
+        np.testing.assert_array_equal(x[:, 0], uncached.order[(i + 1) * 5 : (i + 2) * 5])

@@ -4,6 +4,7 @@ Every case is generated here (no binary fixtures in git): the bad files by
 cutting, emptying or faking real images, the odd ones by saving Pillow images
 in unusual modes, sizes and names.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -15,13 +16,20 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import run_args, run_cli
 from PIL import Image, ImageFile
 
-from conftest import run_args, run_cli
 from pipeline.config import DataConfig
 from pipeline.data.dataset import DataError, decode_image, load_image, read_dataset
-from pipeline.data.image_check import (CACHE_NAME, REPORT_NAME, check_file, check_images, describe,
-                                  measure_check_speed, scan_images)
+from pipeline.data.image_check import (
+    CACHE_NAME,
+    REPORT_NAME,
+    check_file,
+    check_images,
+    describe,
+    measure_check_speed,
+    scan_images,
+)
 
 MAX_PIXELS = DataConfig.max_pixels
 BOMB_LIMIT = 90_000  # max_pixels in the tests: the bomb has more, every other image fewer
@@ -41,16 +49,17 @@ def photo(width=64, height=48, mode="RGB") -> Image.Image:
 
 # --- the fixture generator: bad files ------------------------------------------------------------
 
+
 def write_truncated_jpeg(path):
     photo(256, 256).save(path, "JPEG", quality=95)
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 def write_truncated_png(path):
     photo(256, 256).save(path, "PNG")
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 def write_jpeg_header_only(path):
@@ -92,6 +101,7 @@ def write_bad_files(folder) -> dict:
 
 
 # --- the fixture generator: odd but valid images -------------------------------------------------
+
 
 def sixteen_bit_gradient() -> Image.Image:
     levels = np.linspace(0, 65535, 64 * 32).reshape(32, 64).astype(np.uint16)
@@ -168,6 +178,7 @@ def make_data(root, bad_in=None, odd_in=None, per_class=3):
 
 # --- bad files -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", BAD_CASES)
 def test_each_bad_file_gets_its_reason(tmp_path, name):
     write, reason = BAD_CASES[name]
@@ -242,7 +253,9 @@ def test_skip_trains_without_them_and_reports_them(tmp_path, capsys):
     assert not set(data.validation.filepaths) & set(expected)
     assert data.train.counts(2) == [3, 3] and data.validation.counts(2) == [3, 3]
     for split in (data.train, data.validation):  # labels still match the files they belong to
-        assert [f"/{data.class_names[y]}/" in p for p, y in zip(split.filepaths, split.labels)] == [True] * len(split.labels)
+        assert [f"/{data.class_names[y]}/" in p for p, y in zip(split.filepaths, split.labels)] == [True] * len(
+            split.labels
+        )
     out = capsys.readouterr().out
     assert f"warning: data.on_bad_image=skip: training without {len(expected)} of {total} images" in out
     assert all(f"  {path}: {reason}" in out for path, reason in expected.items())
@@ -261,6 +274,7 @@ def test_skip_that_empties_a_class_names_it(tmp_path):
 
 
 # --- odd but valid images ------------------------------------------------------------------------
+
 
 def test_odd_but_valid_images_and_names_are_used(tmp_path, capsys):
     _, odd = make_data(tmp_path / "d", odd_in="train/a")
@@ -316,6 +330,7 @@ def test_cmyk_greyscale_and_palette_become_the_right_rgb(tmp_path):
 
 # --- the cache -----------------------------------------------------------------------------------
 
+
 def test_a_rerun_decodes_only_what_changed(tmp_path):
     make_data(tmp_path / "d", bad_in="train/b")
     paths = sorted(str(p) for p in (tmp_path / "d").rglob("*.*"))
@@ -354,8 +369,9 @@ def test_a_broken_stale_or_unwritable_cache_is_no_error(tmp_path, capsys):
     paths = [str(tmp_path / "p.jpg")]
     (tmp_path / "bad.json").write_text("{not json")
     assert scan_images(paths, MAX_PIXELS, tmp_path / "bad.json")[1].decoded == 1
-    (tmp_path / "old.json").write_text(json.dumps({"version": [0, "1.0"], "entries": {
-        paths[0]: {"stamp": [0, 0], "reason": "empty"}}}))
+    (tmp_path / "old.json").write_text(
+        json.dumps({"version": [0, "1.0"], "entries": {paths[0]: {"stamp": [0, 0], "reason": "empty"}}})
+    )
     verdicts, stats = scan_images(paths, MAX_PIXELS, tmp_path / "old.json")
     assert stats.decoded == 1 and verdicts[paths[0]].reason is None
     # a read-only data.dir stands for any folder we cannot write in
@@ -370,6 +386,7 @@ def test_unreadable_is_never_cached(tmp_path):
 
 
 # --- in parallel ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_parallel_scans_agree_with_one_file_at_a_time(tmp_path, executor):
@@ -386,6 +403,7 @@ def test_measure_check_speed_reports_images_per_second():
 
 
 # --- the real command ----------------------------------------------------------------------------
+
 
 @pytest.mark.e2e
 def test_the_run_stops_on_a_broken_image_before_writing_a_checkpoint(tmp_path, tiny_data):

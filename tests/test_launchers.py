@@ -1,13 +1,14 @@
 """The cluster launcher configs compose with the real conf/ and plugins."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO
 from pipeline.config import register_config
 
 

@@ -1,4 +1,5 @@
 """data.py's class-layout checks: foreign validation classes, missing ones, symbolic links and their cycles."""
+
 from __future__ import annotations
 
 import shutil
@@ -18,6 +19,7 @@ def config(root, **kw) -> DataConfig:
 @contextmanager
 def deadline(seconds: int):
     """Fail instead of hanging: a symlink cycle that is not caught would list files for hours."""
+
     def give_up(*_):
         raise TimeoutError(f"still indexing after {seconds} s: the symlink cycle was followed")
 
@@ -65,11 +67,14 @@ def test_symbolic_links_to_class_folders_and_images_are_followed(tmp_path, data_
     assert data.train.counts(3) == [4 + 2, 4, 4]
 
 
-@pytest.mark.parametrize("links", [
-    {"train/circle/loop": "train"},                                  # back to an ancestor
-    {"train/circle/self": "train/circle"},                           # back to its own folder
-    {"train/circle/a": "validation/circle", "validation/circle/b": "train/circle"},  # through two links
-])
+@pytest.mark.parametrize(
+    "links",
+    [
+        {"train/circle/loop": "train"},  # back to an ancestor
+        {"train/circle/self": "train/circle"},  # back to its own folder
+        {"train/circle/a": "validation/circle", "validation/circle/b": "train/circle"},  # through two links
+    ],
+)
 def test_a_symlink_cycle_is_named_not_followed(data_dir, links):
     for link, target in links.items():
         (data_dir / link).symlink_to(data_dir / target)

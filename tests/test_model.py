@@ -1,4 +1,5 @@
 """InceptionV3 + head: input contract, freezing per phase, weights sources."""
+
 from __future__ import annotations
 
 import time
@@ -10,8 +11,15 @@ from keras import layers
 
 from pipeline import model as model_module
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.model import (WeightsError, base_of, build_model, check_unfreeze_after, create_base,
-                            resolve_unfreeze_after, set_trainable)
+from pipeline.model import (
+    WeightsError,
+    base_of,
+    build_model,
+    check_unfreeze_after,
+    create_base,
+    resolve_unfreeze_after,
+    set_trainable,
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +86,7 @@ def test_weights_file_is_loaded(tmp_path, suffix):
     path = tmp_path / f"inception_notop{suffix}"
     if suffix == ".h5":  # the legacy layout of Keras's downloaded notop file
         from keras.src.legacy.saving import legacy_h5_format
+
         legacy_h5_format.save_weights_to_hdf5_group(__import__("h5py").File(path, "w"), source)
     else:
         source.save_weights(str(path))

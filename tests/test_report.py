@@ -1,4 +1,5 @@
 """The pieces of the run report without a training run: scores, history.csv across a resume, the figures."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -80,12 +81,14 @@ def test_history_drops_epochs_past_the_restored_checkpoint_and_marks_the_resume(
     rows = read_history(tmp_path / HISTORY)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert [r["resumed_from"] for r in rows] == ["", "", "transfer_03-0.50-b00001"]
-    assert 2 < rows[2]["resumed_at"] < 3   # one batch into the third epoch
+    assert 2 < rows[2]["resumed_at"] < 3  # one batch into the third epoch
     assert all(r["lr"] == pytest.approx(0.01) and r["seconds"] >= 0 for r in rows)
     assert all(0 <= r["val_accuracy"] <= 1 for r in rows)
     # TensorBoard holds each epoch once too: the resumed run rebuilt its logs from the kept rows
-    for split, tags in (("train", ("epoch_loss", "epoch_accuracy", "epoch_learning_rate")),
-                        ("validation", ("epoch_loss", "epoch_accuracy"))):
+    for split, tags in (
+        ("train", ("epoch_loss", "epoch_accuracy", "epoch_learning_rate")),
+        ("validation", ("epoch_loss", "epoch_accuracy")),
+    ):
         steps = event_steps(tmp_path / TENSORBOARD / split)
         assert all(steps[tag] == [1, 2, 3] for tag in tags), steps
 
@@ -99,9 +102,19 @@ def test_a_fresh_start_empties_an_old_history(tmp_path):
 
 def test_curves_and_confusion_matrix_are_real_pngs(tmp_path):
     nan = float("nan")
-    rows = [{"epoch": e, "phase": p, "loss": 1.0 / e, "accuracy": 0.3 * e, "val_loss": 1.1 / e,
-             "val_accuracy": 0.25 * e, "resumed_from": r, "resumed_at": a}
-            for e, p, r, a in ((1, "head", "", nan), (2, "finetune", "", nan), (3, "finetune", "x", 2.5))]
+    rows = [
+        {
+            "epoch": e,
+            "phase": p,
+            "loss": 1.0 / e,
+            "accuracy": 0.3 * e,
+            "val_loss": 1.1 / e,
+            "val_accuracy": 0.25 * e,
+            "resumed_from": r,
+            "resumed_at": a,
+        }
+        for e, p, r, a in ((1, "head", "", nan), (2, "finetune", "", nan), (3, "finetune", "x", 2.5))
+    ]
     assert_real_png(draw_curves(rows, tmp_path / "curves.png"), (600, 300))
     assert_real_png(draw_curves([], tmp_path / "empty.png"), (600, 300))  # a run with nothing recorded
     matrix = np.array([[3, 1], [0, 4]])
@@ -112,7 +125,8 @@ def test_curves_and_confusion_matrix_are_real_pngs(tmp_path):
 def test_model_file_reads_the_attribute_final_model_writes(tmp_path):
     import keras
 
-    from pipeline.model_file import load as model_file, save as final_model
+    from pipeline.model_file import load as model_file
+    from pipeline.model_file import save as final_model
 
     assert model_file.METADATA_ATTR == final_model.METADATA_ATTR
     inputs = keras.Input((4, 4, 3))

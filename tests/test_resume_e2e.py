@@ -6,6 +6,7 @@ compared with an uninterrupted run of the same configuration. To keep the suite
 quick these runs train the head phase only (2 epochs of 3 batches); the kill
 test in test_e2e.py covers the fine-tune phase.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ import time
 import keras
 import numpy as np
 import pytest
-
 from conftest import REPO, cli_env, run_args, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -54,21 +54,30 @@ def killed_then_resumed(tmp, data, kill_at, *extra):
     return first, second
 
 
-@pytest.mark.parametrize("fmt, kill_at", [
-    ("h5", "after_write#2"),            # files written, nothing renamed into place
-    ("weights_h5", "before_manifest#2"),  # files in place, manifest not yet committed
-    ("tf_checkpoint", "after_manifest#2"),  # committed, intent record not yet removed
-    ("keras", "final_before_rename"),   # during the final save
-    ("keras+async", "before_manifest#2"),  # the background writer, killed before its commit
-])
+@pytest.mark.parametrize(
+    "fmt, kill_at",
+    [
+        ("h5", "after_write#2"),  # files written, nothing renamed into place
+        ("weights_h5", "before_manifest#2"),  # files in place, manifest not yet committed
+        ("tf_checkpoint", "after_manifest#2"),  # committed, intent record not yet removed
+        ("keras", "final_before_rename"),  # during the final save
+        ("keras+async", "before_manifest#2"),  # the background writer, killed before its commit
+    ],
+)
 def test_kill_inside_a_save_step_resumes_exactly_in_every_format(reference, tmp_path, tiny_data, fmt, kill_at):
     fmt, _, asynchronous = fmt.partition("+")
-    first, second = killed_then_resumed(tmp_path, tiny_data, kill_at, f"checkpoint.format={fmt}",
-                                        f"checkpoint.asynchronous={'true' if asynchronous else 'false'}")
+    first, second = killed_then_resumed(
+        tmp_path,
+        tiny_data,
+        kill_at,
+        f"checkpoint.format={fmt}",
+        f"checkpoint.asynchronous={'true' if asynchronous else 'false'}",
+    )
     assert "resume: from checkpoint transfer_0" in second.stdout
     assert largest_difference(reference[1], final_weights(tmp_path)) <= 1e-5
-    leftovers = [p.name for p in (tmp_path / "ckpt").iterdir()
-                 if p.name.startswith(".") or p.name.endswith(".pending.json")]
+    leftovers = [
+        p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".") or p.name.endswith(".pending.json")
+    ]
     assert leftovers == []
     assert not list((tmp_path / "model").glob(".*tmp*"))
 
@@ -78,8 +87,9 @@ def test_kill_during_the_final_save_keeps_the_previous_model(reference, tmp_path
     previous = tmp_path / "model" / "final.h5"
     shutil.copy(reference[0] / "model" / "final.h5", previous)
     old_bytes = previous.read_bytes()
-    first = run_cli(*args_for(tmp_path, tiny_data, "train.seed=7"), cwd=REPO,
-                    env=cli_env(PIPELINE_KILL_AT="final_before_rename"))
+    first = run_cli(
+        *args_for(tmp_path, tiny_data, "train.seed=7"), cwd=REPO, env=cli_env(PIPELINE_KILL_AT="final_before_rename")
+    )
     assert first.returncode == -signal.SIGKILL
     assert previous.read_bytes() == old_bytes
     second = run_cli(*args_for(tmp_path, tiny_data, "train.seed=7"), cwd=REPO)
@@ -96,8 +106,14 @@ def test_kill_mid_epoch_resumes_at_the_right_batch(reference, tmp_path, tiny_dat
 
 
 def test_sigterm_saves_at_the_next_batch_and_resumes_exactly(reference, tmp_path, tiny_data):
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args_for(tmp_path, tiny_data)], cwd=REPO,
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args_for(tmp_path, tiny_data)],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = []
     try:
         for line in proc.stdout:

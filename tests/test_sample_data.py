@@ -37,7 +37,12 @@ def run_cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.sample_data", *args],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
     )
 
 
@@ -47,7 +52,9 @@ def test_default_set_has_the_promised_layout_and_counts(default_set):
     assert counts == {split: {name: n for name in CLASS_NAMES} for split, n in per_split.items()}
     expected = {
         Path(split, name, f"{name}_{index:04d}.jpg")
-        for split, n in per_split.items() for name in CLASS_NAMES for index in range(n)
+        for split, n in per_split.items()
+        for name in CLASS_NAMES
+        for index in range(n)
     }
     assert set(read_images(root)) == expected
     # No staging folder is left behind after a success.
@@ -148,16 +155,19 @@ def test_a_killed_run_leaves_no_set_that_looks_complete(tmp_path):
 def test_cli_writes_the_default_set_prints_one_line_and_then_refuses(tmp_path):
     root = tmp_path / "data"
     out, err = run_cli(str(root), "--seed", "1").communicate(timeout=120)
-    assert out.splitlines() == [f"wrote 570 images to {root}: train 450 (circle 150, square 150, triangle 150), "
-                                "validation 120 (circle 40, square 40, triangle 40)"], err
+    assert out.splitlines() == [
+        f"wrote 570 images to {root}: train 450 (circle 150, square 150, triangle 150), "
+        "validation 120 (circle 40, square 40, triangle 40)"
+    ], err
     refused = run_cli(str(root))
     _, err = refused.communicate(timeout=120)
     assert refused.returncode == 1
     assert str(root / "train") in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("arguments", [{"seed": -1}, {"train_per_class": 0}, {"validation_per_class": 0},
-                                       {"image_size": 8}])
+@pytest.mark.parametrize(
+    "arguments", [{"seed": -1}, {"train_per_class": 0}, {"validation_per_class": 0}, {"image_size": 8}]
+)
 def test_rejects_arguments_that_cannot_give_a_data_set(tmp_path, arguments):
     with pytest.raises(ValueError, match=next(iter(arguments))):
         write_sample_data(tmp_path / "data", **arguments)

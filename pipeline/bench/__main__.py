@@ -10,6 +10,7 @@ busy machine shows in both sides (the load average is printed beside each).
 The full bench (10 head + 5 fine-tune epochs at 150 px, both sides, plus the
 rates at 150 and 299 px) takes about an hour on 2 cores; `--quick` a few minutes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PARTS = ("runs", "startup", "input", "model", "checkpoint", "check")
 # (training, validation) images per class of the sample set; epochs of each phase; sizes; formats.
-FULL = {"per_class": (150, 40), "head_epochs": 10, "finetune_epochs": 5, "sizes": [150, 299],
-        "formats": ["keras", "h5", "weights_h5", "tf_checkpoint"], "steps": 10}
-QUICK = {"per_class": (50, 20), "head_epochs": 2, "finetune_epochs": 3, "sizes": [150],
-         "formats": ["h5"], "steps": 5}
+FULL = {
+    "per_class": (150, 40),
+    "head_epochs": 10,
+    "finetune_epochs": 5,
+    "sizes": [150, 299],
+    "formats": ["keras", "h5", "weights_h5", "tf_checkpoint"],
+    "steps": 10,
+}
+QUICK = {"per_class": (50, 20), "head_epochs": 2, "finetune_epochs": 3, "sizes": [150], "formats": ["h5"], "steps": 5}
 
 
 def parse_args(argv):
@@ -81,13 +87,19 @@ def bench_runs(data_dir: Path, work: Path, args, results: dict) -> None:
     plan, size = args.plan, args.image_size
     say(f"classic recipe: {plan['head_epochs']} head + {plan['finetune_epochs']} fine-tune epochs at {size} px ...")
     classic = run_classic(data_dir, size, plan["head_epochs"], plan["finetune_epochs"], work / "classic.log")
-    say(f"classic recipe:  {classic['seconds']:7.1f} s, last val_accuracy {classic['val_accuracy']:.3f} "
-        "(saving a full model every epoch and the final .h5, as the seed's script does)")
+    say(
+        f"classic recipe:  {classic['seconds']:7.1f} s, last val_accuracy {classic['val_accuracy']:.3f} "
+        "(saving a full model every epoch and the final .h5, as the seed's script does)"
+    )
     pipeline = run_pipeline(data_dir, work / "pipeline_run", size, plan["head_epochs"], plan["finetune_epochs"])
-    say(f"pipeline:        {pipeline['seconds']:7.1f} s, last val_accuracy {pipeline['val_accuracy']:.3f} "
-        f"({' '.join(o for o in speed_overrides(work) if 'cache_dir' not in o)})")
-    say(f"  classic / pipeline wall time: {classic['seconds'] / pipeline['seconds']:.2f}x "
-        f"(target >= 3x); accuracy difference {100 * (pipeline['val_accuracy'] - classic['val_accuracy']):+.1f} points")
+    say(
+        f"pipeline:        {pipeline['seconds']:7.1f} s, last val_accuracy {pipeline['val_accuracy']:.3f} "
+        f"({' '.join(o for o in speed_overrides(work) if 'cache_dir' not in o)})"
+    )
+    say(
+        f"  classic / pipeline wall time: {classic['seconds'] / pipeline['seconds']:.2f}x "
+        f"(target >= 3x); accuracy difference {100 * (pipeline['val_accuracy'] - classic['val_accuracy']):+.1f} points"
+    )
     run = pipeline["run"]
     say(f"  pipeline: first training step after {run.first_step:.1f} s")
     for phase in ("head", "finetune"):
@@ -97,17 +109,21 @@ def bench_runs(data_dir: Path, work: Path, args, results: dict) -> None:
             results[f"{phase}_epoch"] = seconds
             # the first batch is inside "start"; the others hold the rest of the images
             results[f"{phase}_train_rate"] = (count_images(data_dir) - args.batch_size) / parts["train"]
-            say(f"  pipeline {phase} epoch, end to end (after the first): {seconds:.1f} s = fit's start to its "
+            say(
+                f"  pipeline {phase} epoch, end to end (after the first): {seconds:.1f} s = fit's start to its "
                 f"first step {parts['start']:.1f} s + the other steps {parts['train']:.1f} s + validation "
-                f"{parts['validation']:.1f} s + checkpoint snapshot and the next fit's set-up {parts['between']:.1f} s")
+                f"{parts['validation']:.1f} s + checkpoint snapshot and the next fit's set-up {parts['between']:.1f} s"
+            )
 
 
 def bench_startup(data_dir: Path, work: Path, args, results: dict) -> None:
     from pipeline.bench.runs import measure_startup
 
     startup = measure_startup(data_dir, work / "startup_run", args.image_size)
-    say(f"seconds from `python -m pipeline` to the first training step: fresh {startup['fresh']:.1f} s, "
-        f"on resume {startup['resume']:.1f} s")
+    say(
+        f"seconds from `python -m pipeline` to the first training step: fresh {startup['fresh']:.1f} s, "
+        f"on resume {startup['resume']:.1f} s"
+    )
 
 
 def bench_model(data_dir: Path, args, results: dict) -> None:
@@ -124,18 +140,25 @@ def bench_model(data_dir: Path, args, results: dict) -> None:
     # What the pipeline's cached fine-tune phase actually trains, in the precision the bench runs it.
     precision = bench_precision()
     cached = model_rate(3, args.image_size, args.batch_size, "finetune_cached", args.plan["steps"], precision)
-    say(f"model alone, {args.image_size} px, cached fine-tune phase ({PHASES['finetune_cached']}, {precision}): "
-        f"{cached:6.1f} images/s")
+    say(
+        f"model alone, {args.image_size} px, cached fine-tune phase ({PHASES['finetune_cached']}, {precision}): "
+        f"{cached:6.1f} images/s"
+    )
     for phase in ("head", "finetune"):
         compute = results.get(("model", args.image_size, phase))
         if compute and f"{phase}_epoch" in results:
             end_to_end, steps = n_images / results[f"{phase}_epoch"], results[f"{phase}_train_rate"]
-            say(f"  {phase} phase end to end {end_to_end:.1f} images/s = {end_to_end / compute:.0%} of the model's "
-                "compute-bound rate" + (" (target >= 90%)" if phase == "finetune" else "")
-                + f"; its training steps alone {steps:.1f} images/s = {steps / compute:.0%}")
+            say(
+                f"  {phase} phase end to end {end_to_end:.1f} images/s = {end_to_end / compute:.0%} of the model's "
+                "compute-bound rate"
+                + (" (target >= 90%)" if phase == "finetune" else "")
+                + f"; its training steps alone {steps:.1f} images/s = {steps / compute:.0%}"
+            )
             if phase == "finetune":
-                say(f"  finetune phase end to end = {end_to_end / cached:.0%} of the cached phase's own compute-bound "
-                    f"rate; its training steps alone {steps / cached:.0%}")
+                say(
+                    f"  finetune phase end to end = {end_to_end / cached:.0%} of the cached phase's own compute-bound "
+                    f"rate; its training steps alone {steps / cached:.0%}"
+                )
 
 
 def bench_input(data_dir: Path, args, results: dict) -> None:
@@ -157,16 +180,23 @@ def bench_input(data_dir: Path, args, results: dict) -> None:
 def bench_checkpoint(data_dir: Path, work: Path, args, results: dict) -> None:
     from pipeline.bench.rates import checkpoint_costs
 
-    epoch, costs = checkpoint_costs(data_dir, work / "checkpoint_cost", args.image_size, args.batch_size,
-                                    args.plan["formats"], args.plan["steps"])
+    epoch, costs = checkpoint_costs(
+        data_dir, work / "checkpoint_cost", args.image_size, args.batch_size, args.plan["formats"], args.plan["steps"]
+    )
     n_images = count_images(data_dir)
     say(f"epoch at {args.image_size} px, whole network: {epoch:.1f} s for {n_images} images")
     for cost in costs:
         mode = "async" if cost["asynchronous"] else "sync "
-        detail = (f" (snapshot {cost['blocking']:.2f} s + {cost['steps_during']} steps slowed by "
-                  f"{cost['slowdown']:+.2f} s while the write ran)" if cost["asynchronous"] else "")
-        say(f"checkpoint {cost['format']:<14} {mode} {cost['seconds']:5.2f} s = "
-            f"{cost['seconds'] / epoch:6.1%} of an epoch{detail} (target <= 5%)")
+        detail = (
+            f" (snapshot {cost['blocking']:.2f} s + {cost['steps_during']} steps slowed by "
+            f"{cost['slowdown']:+.2f} s while the write ran)"
+            if cost["asynchronous"]
+            else ""
+        )
+        say(
+            f"checkpoint {cost['format']:<14} {mode} {cost['seconds']:5.2f} s = "
+            f"{cost['seconds'] / epoch:6.1%} of an epoch{detail} (target <= 5%)"
+        )
 
 
 def main(argv=None) -> int:

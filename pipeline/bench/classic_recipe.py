@@ -17,6 +17,7 @@ is otherwise as written.
 
 Prints one JSON line: seconds inside the script, last validation accuracy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,14 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # The recipe's usual augmentation (the blog's and most tutorials' values).
-AUGMENTATION = {"rotation_range": 30, "width_shift_range": 0.2, "height_shift_range": 0.2,
-                "shear_range": 0.2, "zoom_range": 0.2, "horizontal_flip": True}
+AUGMENTATION = {
+    "rotation_range": 30,
+    "width_shift_range": 0.2,
+    "height_shift_range": 0.2,
+    "shear_range": 0.2,
+    "zoom_range": 0.2,
+    "horizontal_flip": True,
+}
 
 
 def parse_args(argv):
@@ -50,10 +57,15 @@ def make_generators(data_dir: str, image_size: int, batch_size: int):
 
     size = (image_size, image_size)
     train = ImageDataGenerator(preprocessing_function=preprocess_input, **AUGMENTATION).flow_from_directory(
-        os.path.join(data_dir, "train"), target_size=size, batch_size=batch_size, class_mode="categorical")
+        os.path.join(data_dir, "train"), target_size=size, batch_size=batch_size, class_mode="categorical"
+    )
     validation = ImageDataGenerator(preprocessing_function=preprocess_input).flow_from_directory(
-        os.path.join(data_dir, "validation"), target_size=size, batch_size=batch_size,
-        class_mode="categorical", shuffle=False)
+        os.path.join(data_dir, "validation"),
+        target_size=size,
+        batch_size=batch_size,
+        class_mode="categorical",
+        shuffle=False,
+    )
     return train, validation
 
 
@@ -81,20 +93,32 @@ def train_classic(args) -> dict:
     callbacks = []
     if args.checkpoint_dir:
         os.makedirs(args.checkpoint_dir, exist_ok=True)
-        callbacks.append(tf.keras.callbacks.ModelCheckpoint(
-            os.path.join(args.checkpoint_dir, "transfer_{epoch:02d}-{val_accuracy:.2f}.keras"),
-            monitor="val_accuracy", save_weights_only=False, mode="auto", save_freq="epoch"))
-    history = model.fit(train, epochs=args.head_epochs, validation_data=validation, callbacks=callbacks,
-                        verbose=2)
+        callbacks.append(
+            tf.keras.callbacks.ModelCheckpoint(
+                os.path.join(args.checkpoint_dir, "transfer_{epoch:02d}-{val_accuracy:.2f}.keras"),
+                monitor="val_accuracy",
+                save_weights_only=False,
+                mode="auto",
+                save_freq="epoch",
+            )
+        )
+    history = model.fit(train, epochs=args.head_epochs, validation_data=validation, callbacks=callbacks, verbose=2)
     if args.finetune_epochs:
         names = [layer.name for layer in base.layers]
         top = names.index("mixed8") + 1
         for layer in base.layers[top:]:
             layer.trainable = True
-        model.compile(optimizer=SGD(learning_rate=1e-4, momentum=0.9), loss="categorical_crossentropy",
-                      metrics=["accuracy"])
-        history = model.fit(train, initial_epoch=args.head_epochs, epochs=args.head_epochs + args.finetune_epochs,
-                            validation_data=validation, callbacks=callbacks, verbose=2)
+        model.compile(
+            optimizer=SGD(learning_rate=1e-4, momentum=0.9), loss="categorical_crossentropy", metrics=["accuracy"]
+        )
+        history = model.fit(
+            train,
+            initial_epoch=args.head_epochs,
+            epochs=args.head_epochs + args.finetune_epochs,
+            validation_data=validation,
+            callbacks=callbacks,
+            verbose=2,
+        )
     if args.checkpoint_dir:
         model.save(os.path.join(args.checkpoint_dir, "my_saved_InceptionV3_model.h5"))
     return {"val_accuracy": float(history.history["val_accuracy"][-1])}

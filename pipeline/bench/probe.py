@@ -7,6 +7,7 @@ step, last training step and end (after validation). The bench reads them to
 get the seconds to the first step and each phase's epoch times from the same
 runs that produce the accuracy.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Rates measured inside the bench's own process: the input feed alone, the model alone on
 in-memory tensors (compute-bound), and what a checkpoint costs a training epoch."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,16 +12,20 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline.training.cached_phase import share_compilation, split_at
 from pipeline.checkpoints.store import TrainState
 from pipeline.checkpoints.writer import CheckpointWriter
 from pipeline.config import CheckpointConfig, DataConfig, ModelConfig
 from pipeline.data.dataset import Batches, read_dataset, train_batches
 from pipeline.model import build_model, compile_model, set_trainable
+from pipeline.training.cached_phase import share_compilation, split_at
 from pipeline.training.precision import set_precision
 
-PHASES = {"head": "base frozen", "finetune": "trained after mixed8", "whole": "whole network",
-          "finetune_cached": "the layers above mixed8 on cached mixed8 features"}
+PHASES = {
+    "head": "base frozen",
+    "finetune": "trained after mixed8",
+    "whole": "whole network",
+    "finetune_cached": "the layers above mixed8 on cached mixed8 features",
+}
 
 
 def read_quietly(cfg: DataConfig):
@@ -50,8 +55,9 @@ def time_steps(model: keras.Model, x, y, steps: int) -> float:
     return time.perf_counter() - started
 
 
-def model_rate(n_classes: int, image_size: int, batch_size: int, phase: str, steps: int,
-               precision: str = "float32") -> float:
+def model_rate(
+    n_classes: int, image_size: int, batch_size: int, phase: str, steps: int, precision: str = "float32"
+) -> float:
     """Training images/s of `phase` on one in-memory batch: no input, no validation, no checkpoint.
 
     `finetune_cached` is what a cached fine-tune phase trains: the layers above
@@ -83,7 +89,8 @@ def feed_rate(data_dir: Path, image_size: int, batch_size: int, workers: int) ->
     keras.backend.clear_session()
     inputs = keras.Input((image_size, image_size, 3))
     outputs = keras.layers.Dense(len(data.class_names), activation="softmax")(
-        keras.layers.GlobalAveragePooling2D()(inputs))
+        keras.layers.GlobalAveragePooling2D()(inputs)
+    )
     model = keras.Model(inputs, outputs)
     model.compile(optimizer="sgd", loss="categorical_crossentropy")
     model.fit(train_batches(data, cfg, 0, 0, start_batch=len(train_batches(data, cfg, 0, 0)) - 2), verbose=0)
@@ -101,8 +108,9 @@ def epoch_seconds(model: keras.Model, data, cfg: DataConfig) -> float:
     return time.perf_counter() - started
 
 
-def checkpoint_costs(data_dir: Path, work: Path, image_size: int, batch_size: int, formats: list[str],
-                     steps: int) -> tuple[float, list[dict]]:
+def checkpoint_costs(
+    data_dir: Path, work: Path, image_size: int, batch_size: int, formats: list[str], steps: int
+) -> tuple[float, list[dict]]:
     """An epoch's seconds (whole network, the defaults with weights=null), and per format and mode
     the seconds a checkpoint costs training.
 
@@ -118,8 +126,9 @@ def checkpoint_costs(data_dir: Path, work: Path, image_size: int, batch_size: in
     results = []
     for fmt in formats:
         for asynchronous in (False, True):
-            ckpt_cfg = CheckpointConfig(dir=str(work / f"ckpt_{fmt}_{asynchronous}"), format=fmt,
-                                        asynchronous=asynchronous)
+            ckpt_cfg = CheckpointConfig(
+                dir=str(work / f"ckpt_{fmt}_{asynchronous}"), format=fmt, asynchronous=asynchronous
+            )
             writer = CheckpointWriter(ckpt_cfg, {}, model)
             cost = checkpoint_cost(model, writer, x, y, steps) if asynchronous else save_seconds(model, writer)
             results.append({"format": fmt, "asynchronous": asynchronous, **cost})
@@ -156,5 +165,10 @@ def checkpoint_cost(model: keras.Model, writer: CheckpointWriter, x, y, steps: i
     writer.wait()
     after = time_steps(model, x, y, steps) / steps
     slowdown = during - done * (before + after) / 2
-    return {"seconds": blocking + slowdown, "blocking": blocking, "slowdown": slowdown,
-            "steps_during": done, "during": during}
+    return {
+        "seconds": blocking + slowdown,
+        "blocking": blocking,
+        "slowdown": slowdown,
+        "steps_during": done,
+        "during": during,
+    }

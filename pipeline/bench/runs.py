@@ -1,5 +1,6 @@
 """Whole runs for `make bench`, each a real subprocess: the classic recipe, the pipeline's CLI,
 and the pipeline started fresh and on resume (seconds to the first training step)."""
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,11 @@ from pipeline.bench.probe import EVENT
 @dataclass
 class Run:
     """One subprocess: its wall time, its output, and the epochs the probe stamped."""
+
     seconds: float
     returncode: int
     lines: list[str]
-    spawned: float                      # time.time() just before the process started
+    spawned: float  # time.time() just before the process started
     epochs: list[dict] = field(default_factory=list)  # bench-event dicts, each with its "phase"
 
     @property
@@ -36,8 +38,9 @@ class Run:
         return [e for e in self.epochs if e["phase"] == phase]
 
 
-def run_process(command: list[str], stop_when: Callable[[str, Run], bool] = lambda line, run: False,
-                log: Path | None = None) -> Run:
+def run_process(
+    command: list[str], stop_when: Callable[[str, Run], bool] = lambda line, run: False, log: Path | None = None
+) -> Run:
     """Run `command`, stamping its output; SIGKILL it as soon as `stop_when(line, run)` holds.
 
     The output is kept in `log` for a look at what a figure came from.
@@ -54,7 +57,7 @@ def run_process(command: list[str], stop_when: Callable[[str, Run], bool] = lamb
                 if line.startswith(f"{name} epoch "):  # printed by train.fit_epoch before each fit
                     phase = name
             if line.startswith(EVENT):
-                run.epochs.append({**json.loads(line[len(EVENT):]), "phase": phase})
+                run.epochs.append({**json.loads(line[len(EVENT) :]), "phase": phase})
             if stop_when(line, run):
                 proc.send_signal(signal.SIGKILL)
                 break
@@ -72,8 +75,13 @@ def speed_overrides(work: Path) -> list[str]:
     """The pipeline's speed options as the bench runs them (README: Speed)."""
     # Feature caching: 2 augmented views, computed once (afresh, in this run's own folder)
     # at mixed8 for both phases.
-    return ["train.head.cached_views=2", "train.finetune.cached_views=2", "train.finetune.reuse_head_views=true",
-            f"train.cache_dir={work / 'cache'}", f"train.precision={bench_precision()}"]
+    return [
+        "train.head.cached_views=2",
+        "train.finetune.cached_views=2",
+        "train.finetune.reuse_head_views=true",
+        f"train.cache_dir={work / 'cache'}",
+        f"train.precision={bench_precision()}",
+    ]
 
 
 def bench_precision() -> str:
@@ -90,20 +98,32 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pipeline_command(data_dir: Path, work: Path, image_size: int, head_epochs: int, finetune_epochs: int,
-                     extra: tuple[str, ...] = ()) -> list[str]:
+def pipeline_command(
+    data_dir: Path, work: Path, image_size: int, head_epochs: int, finetune_epochs: int, extra: tuple[str, ...] = ()
+) -> list[str]:
     """The pipeline's CLI as the classic recipe's equivalent: random init, fine-tuning after mixed8."""
-    return [sys.executable, "-m", "pipeline.bench.probe", f"data.dir={data_dir}", "model.weights=null",
-            f"data.image_size={image_size}", f"train.head.epochs={head_epochs}",
-            f"train.finetune.epochs={finetune_epochs}", "train.finetune.unfreeze_after=mixed8",
-            *speed_overrides(work),
-            f"checkpoint.dir={work / 'ckpt'}", f"model.save_path={work / 'model' / 'final.h5'}",
-            f"hydra.run.dir={work / 'outputs'}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.bench.probe",
+        f"data.dir={data_dir}",
+        "model.weights=null",
+        f"data.image_size={image_size}",
+        f"train.head.epochs={head_epochs}",
+        f"train.finetune.epochs={finetune_epochs}",
+        "train.finetune.unfreeze_after=mixed8",
+        *speed_overrides(work),
+        f"checkpoint.dir={work / 'ckpt'}",
+        f"model.save_path={work / 'model' / 'final.h5'}",
+        f"hydra.run.dir={work / 'outputs'}",
+        *extra,
+    ]
 
 
 def run_pipeline(data_dir: Path, work: Path, image_size: int, head_epochs: int, finetune_epochs: int) -> dict:
-    run = run_process(pipeline_command(data_dir, work, image_size, head_epochs, finetune_epochs),
-                      log=work / "output.log")
+    run = run_process(
+        pipeline_command(data_dir, work, image_size, head_epochs, finetune_epochs), log=work / "output.log"
+    )
     if run.returncode != 0:
         raise RuntimeError("the pipeline run failed:\n" + "\n".join(run.lines[-30:]))
     result = json.loads((work / "outputs" / "result.json").read_text())
@@ -112,10 +132,19 @@ def run_pipeline(data_dir: Path, work: Path, image_size: int, head_epochs: int, 
 
 def run_classic(data_dir: Path, image_size: int, head_epochs: int, finetune_epochs: int, log: Path) -> dict:
     """The classic recipe, saving as the seed's script does: a full model every epoch and the final .h5."""
-    run = run_process([sys.executable, "-m", "pipeline.bench.classic_recipe", str(data_dir), f"--image-size={image_size}",
-                       f"--head-epochs={head_epochs}", f"--finetune-epochs={finetune_epochs}",
-                       f"--checkpoint-dir={log.parent / 'classic_ckpt'}"],
-                      log=log)
+    run = run_process(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.bench.classic_recipe",
+            str(data_dir),
+            f"--image-size={image_size}",
+            f"--head-epochs={head_epochs}",
+            f"--finetune-epochs={finetune_epochs}",
+            f"--checkpoint-dir={log.parent / 'classic_ckpt'}",
+        ],
+        log=log,
+    )
     if run.returncode != 0:
         raise RuntimeError("the classic recipe failed:\n" + "\n".join(run.lines[-30:]))
     return {"seconds": run.seconds, "val_accuracy": json.loads(run.lines[-1])["val_accuracy"]}
@@ -156,8 +185,10 @@ def epoch_breakdown(run: Run, phase: str) -> dict | None:
     epochs = run.phase_epochs(phase)[1:]
     if len(epochs) < 2:
         return None
-    parts = {"start": [e["first_step"] - e["start"] for e in epochs],
-             "train": [e["last_step"] - e["first_step"] for e in epochs],
-             "validation": [e["end"] - e["last_step"] for e in epochs],
-             "between": [b["start"] - a["end"] for a, b in pairwise(epochs)]}
+    parts = {
+        "start": [e["first_step"] - e["start"] for e in epochs],
+        "train": [e["last_step"] - e["first_step"] for e in epochs],
+        "validation": [e["end"] - e["last_step"] for e in epochs],
+        "between": [b["start"] - a["end"] for a, b in pairwise(epochs)],
+    }
     return {**{k: median(v) for k, v in parts.items()}, "steps": epochs[0]["steps"]}

@@ -4,14 +4,24 @@ The checkpoint folder is fixed by the configuration, so the same command finds
 its own checkpoints again and resumes with no flag. `+resume=true` insists on a
 checkpoint; `+resume=false` moves the old ones aside and starts afresh.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
-from pipeline.checkpoints.store import (Checkpoint, CheckpointError, TrainState, archive_all, clean_leftovers,
-                         fingerprint_differences, list_checkpoints, restore, verify)
+from pipeline.checkpoints.store import (
+    Checkpoint,
+    CheckpointError,
+    TrainState,
+    archive_all,
+    clean_leftovers,
+    fingerprint_differences,
+    list_checkpoints,
+    restore,
+    verify,
+)
 
 
 @dataclass
@@ -20,7 +30,7 @@ class ResumePlan:
     reason: str = ""
 
 
-def plan_resume(directory: Path, fingerprint: dict, resume: Optional[bool], read_only: bool = False) -> ResumePlan:
+def plan_resume(directory: Path, fingerprint: dict, resume: bool | None, read_only: bool = False) -> ResumePlan:
     """Which checkpoints to try, newest first; refuse those of another configuration.
 
     `read_only` (a non-chief worker) changes nothing in `directory`: the chief
@@ -38,20 +48,27 @@ def plan_resume(directory: Path, fingerprint: dict, resume: Optional[bool], read
         if resume is True:
             raise CheckpointError(
                 f"+resume=true, but {directory} holds no committed checkpoint to resume from. "
-                f"Run without +resume=true to start, or set checkpoint.dir to the run's folder.")
+                f"Run without +resume=true to start, or set checkpoint.dir to the run's folder."
+            )
         return ResumePlan([], f"starting fresh: no checkpoints in {directory}")
-    changed = sorted({line for ckpt in checkpoints
-                      for line in fingerprint_differences(ckpt.manifest.get("fingerprint", {}), fingerprint)})
+    changed = sorted(
+        {
+            line
+            for ckpt in checkpoints
+            for line in fingerprint_differences(ckpt.manifest.get("fingerprint", {}), fingerprint)
+        }
+    )
     if changed:
         raise CheckpointError(
             f"the checkpoints in {directory} were made with another configuration:\n  "
             + "\n  ".join(changed)
             + f"\nNothing was changed. To start afresh (old checkpoints are moved to {directory}/archive/): "
-              "+resume=false. To keep both runs: checkpoint.dir=<another folder>.")
+            "+resume=false. To keep both runs: checkpoint.dir=<another folder>."
+        )
     return ResumePlan(list(reversed(checkpoints)), "resuming")
 
 
-def restore_newest_usable(plan: ResumePlan, prepare: Callable[[TrainState], object]) -> Optional[Checkpoint]:
+def restore_newest_usable(plan: ResumePlan, prepare: Callable[[TrainState], object]) -> Checkpoint | None:
     """Restore the newest checkpoint that verifies and loads; warn about each that does not.
 
     `prepare(state)` readies the model for the checkpoint's phase (trainable
@@ -72,6 +89,8 @@ def restore_newest_usable(plan: ResumePlan, prepare: Callable[[TrainState], obje
     if problems:
         directory = plan.candidates[0].path.parent
         raise CheckpointError(
-            f"none of the {len(problems)} checkpoints in {directory} is usable:\n  " + "\n  ".join(problems)
-            + "\nTo start afresh (they are moved to archive/, not deleted): +resume=false")
+            f"none of the {len(problems)} checkpoints in {directory} is usable:\n  "
+            + "\n  ".join(problems)
+            + "\nTo start afresh (they are moved to archive/, not deleted): +resume=false"
+        )
     return None

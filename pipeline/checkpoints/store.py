@@ -8,6 +8,7 @@ written under a temporary name, fsynced and renamed into place; the manifest
 goes last and is the commit point, so a kill at any moment leaves either the
 whole checkpoint or none of it, and the older ones intact.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,10 +23,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
-import numpy as np
 import keras
+import numpy as np
 import tensorflow as tf
 
 from pipeline.config import CheckpointConfig
@@ -50,12 +50,13 @@ class CheckpointError(RuntimeError):
 @dataclass
 class TrainState:
     """Where training stands: enough to continue exactly where it stopped."""
-    phase: str = "head"          # the phase the next step belongs to
-    phase_epoch: int = 0         # epochs of that phase completed
-    epoch: int = 0               # epochs completed over all phases (names the files)
-    batch: int = 0               # batches of the next epoch already trained
-    best: Optional[float] = None
-    best_stem: Optional[str] = None
+
+    phase: str = "head"  # the phase the next step belongs to
+    phase_epoch: int = 0  # epochs of that phase completed
+    epoch: int = 0  # epochs completed over all phases (names the files)
+    batch: int = 0  # batches of the next epoch already trained
+    best: float | None = None
+    best_stem: str | None = None
     lineage: list = field(default_factory=list)  # checkpoints each resume started from
 
 
@@ -63,7 +64,7 @@ class TrainState:
 class Checkpoint:
     stem: str
     manifest: dict
-    path: Path   # the manifest's path
+    path: Path  # the manifest's path
 
     @property
     def state(self) -> TrainState:
@@ -101,6 +102,7 @@ def _asked(variable: str, point: str) -> bool:
 
 # ---- writing -------------------------------------------------------------
 
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -132,7 +134,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_model_file(model: keras.Model, fmt: str, target: Path, twin: Optional[keras.Model]) -> None:
+def save_model_file(model: keras.Model, fmt: str, target: Path, twin: keras.Model | None) -> None:
     """Write the model in `fmt` at `target` (inside a scratch folder)."""
     if fmt in ("keras", "h5"):
         model.save(str(target))
@@ -156,8 +158,9 @@ def save_state_file(model: keras.Model, target: Path) -> None:
 
 def seed_generators(model: keras.Model) -> list:
     """Dropout's random state lives outside model.weights; saved separately for exact resume."""
-    return [layer.seed_generator for layer in model._flatten_layers()
-            if getattr(layer, "seed_generator", None) is not None]
+    return [
+        layer.seed_generator for layer in model._flatten_layers() if getattr(layer, "seed_generator", None) is not None
+    ]
 
 
 def checkpoint_stem(cfg: CheckpointConfig, state: TrainState, logs: dict) -> str:
@@ -172,8 +175,15 @@ def checkpoint_stem(cfg: CheckpointConfig, state: TrainState, logs: dict) -> str
     return stem
 
 
-def save_checkpoint(model: keras.Model, cfg: CheckpointConfig, stem: str, state: TrainState, logs: dict,
-                    fingerprint: dict, twin: Optional[keras.Model] = None) -> Checkpoint:
+def save_checkpoint(
+    model: keras.Model,
+    cfg: CheckpointConfig,
+    stem: str,
+    state: TrainState,
+    logs: dict,
+    fingerprint: dict,
+    twin: keras.Model | None = None,
+) -> Checkpoint:
     """Write one checkpoint atomically as `stem`; return it once committed.
 
     A failed write (a full disk, say) leaves the older checkpoints as they were
@@ -184,13 +194,22 @@ def save_checkpoint(model: keras.Model, cfg: CheckpointConfig, stem: str, state:
         return write_checkpoint_files(model, cfg, stem, state, logs, fingerprint, twin)
     except OSError as err:
         reason = "No space left on device" if err.errno == errno.ENOSPC else str(err)
-        raise CheckpointError(f"{reason}: could not write checkpoint {stem} in {directory}. "
-                              "The previous checkpoints are intact; free space and run the same "
-                              "command to continue.") from err
+        raise CheckpointError(
+            f"{reason}: could not write checkpoint {stem} in {directory}. "
+            "The previous checkpoints are intact; free space and run the same "
+            "command to continue."
+        ) from err
 
 
-def write_checkpoint_files(model: keras.Model, cfg: CheckpointConfig, stem: str, state: TrainState, logs: dict,
-                           fingerprint: dict, twin: Optional[keras.Model]) -> Checkpoint:
+def write_checkpoint_files(
+    model: keras.Model,
+    cfg: CheckpointConfig,
+    stem: str,
+    state: TrainState,
+    logs: dict,
+    fingerprint: dict,
+    twin: keras.Model | None,
+) -> Checkpoint:
     directory = Path(cfg.dir)
     directory.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=INCOMING, dir=directory))
@@ -210,9 +229,16 @@ def write_checkpoint_files(model: keras.Model, cfg: CheckpointConfig, stem: str,
             os.replace(scratch / name_, directory / name_)
         fsync_dir(directory)
         reach("before_manifest")
-        manifest = {"version": 1, "stem": stem, "format": cfg.format, "files": digests,
-                    "state": asdict(state), "logs": logs, "fingerprint": fingerprint,
-                    "created": time.time()}
+        manifest = {
+            "version": 1,
+            "stem": stem,
+            "format": cfg.format,
+            "files": digests,
+            "state": asdict(state),
+            "logs": logs,
+            "fingerprint": fingerprint,
+            "created": time.time(),
+        }
         write_json_atomic(directory / (stem + MANIFEST), manifest)
         reach("after_manifest")
         (directory / (stem + PENDING)).unlink()
@@ -236,6 +262,7 @@ def point_tf_checkpoint(directory: Path, stem: str) -> None:
 
 
 # ---- finding, pruning, archiving ----------------------------------------
+
 
 def list_checkpoints(directory: Path) -> list[Checkpoint]:
     """Committed checkpoints, oldest first. An unreadable manifest is skipped with a warning."""
@@ -275,7 +302,7 @@ def delete_checkpoint(ckpt: Checkpoint) -> None:
         (ckpt.path.parent / name).unlink(missing_ok=True)
 
 
-def prune(directory: Path, keep_last: int, best_stem: Optional[str]) -> None:
+def prune(directory: Path, keep_last: int, best_stem: str | None) -> None:
     """Keep the newest `keep_last` committed checkpoints and the best one."""
     checkpoints = list_checkpoints(directory)
     for ckpt in checkpoints[:-keep_last]:
@@ -283,7 +310,7 @@ def prune(directory: Path, keep_last: int, best_stem: Optional[str]) -> None:
             delete_checkpoint(ckpt)
 
 
-def archive_all(directory: Path) -> Optional[Path]:
+def archive_all(directory: Path) -> Path | None:
     """Move everything in `directory` into archive/<time>/ (for +resume=false); delete nothing."""
     directory = Path(directory)
     entries = [p for p in directory.iterdir() if p.name not in (ARCHIVE, ".gitkeep")] if directory.is_dir() else []
@@ -301,7 +328,8 @@ def archive_all(directory: Path) -> Optional[Path]:
 
 # ---- verifying and restoring ---------------------------------------------
 
-def verify(ckpt: Checkpoint) -> Optional[str]:
+
+def verify(ckpt: Checkpoint) -> str | None:
     """None if every file is present and matches its sha256, else the reason."""
     for name, digest in ckpt.manifest["files"].items():
         path = ckpt.path.parent / name
@@ -334,19 +362,25 @@ def restore(model: keras.Model, ckpt: Checkpoint) -> None:
 def restore_optimizer(model: keras.Model, values: list) -> None:
     variables = model.optimizer.variables
     if len(variables) != len(values):
-        raise CheckpointError(f"optimizer state has {len(values)} variables, the model's optimizer "
-                              f"{len(variables)}: the checkpoint was made with other trainable layers")
+        raise CheckpointError(
+            f"optimizer state has {len(values)} variables, the model's optimizer "
+            f"{len(variables)}: the checkpoint was made with other trainable layers"
+        )
     for var, value in zip(variables, values):
         # The learning rate comes from the configuration, so a user may change it on resume.
         if var.path.endswith("learning_rate"):
             continue
         if tuple(var.shape) != value.shape:
-            raise CheckpointError(f"optimizer variable {var.path} has shape {tuple(var.shape)}, "
-                                  f"the checkpoint {value.shape}")
+            raise CheckpointError(
+                f"optimizer variable {var.path} has shape {tuple(var.shape)}, the checkpoint {value.shape}"
+            )
         var.assign(value)
 
 
 def fingerprint_differences(saved: dict, current: dict) -> list[str]:
     """Readable lines for every compatibility key that changed."""
-    return [f"{key}: checkpoints have {saved.get(key)!r}, this run has {current.get(key)!r}"
-            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    return [
+        f"{key}: checkpoints have {saved.get(key)!r}, this run has {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]

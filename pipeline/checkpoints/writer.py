@@ -14,6 +14,7 @@ One write at a time: `submit` first waits for the previous one, so the fault
 hooks (`PIPELINE_KILL_AT=after_write#2`) count saves in order, and a
 checkpoint's name is chosen knowing the previous one exists.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,15 +36,20 @@ class CheckpointWriter:
     checkpoint being on disk.
     """
 
-    def __init__(self, cfg: CheckpointConfig, fingerprint: dict, model: keras.Model,
-                 on_commit: Callable[[Checkpoint], None] = lambda ckpt: None):
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        fingerprint: dict,
+        model: keras.Model,
+        on_commit: Callable[[Checkpoint], None] = lambda ckpt: None,
+    ):
         self.cfg, self.fingerprint, self.on_commit = cfg, fingerprint, on_commit
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         # Built now, in the training thread, before any step: building draws
         # from Keras's seed generators, and a fresh and a resumed run must draw alike.
         self.snapshot = keras.models.clone_model(model) if cfg.asynchronous else None
-        self.snapshot_optimizer = None   # the model optimizer the snapshot is compiled like
+        self.snapshot_optimizer = None  # the model optimizer the snapshot is compiled like
         # tf_checkpoint holds weights only, written from a model without an optimizer, so
         # `tf.train.Checkpoint(model=m).restore(...)` works whatever optimizer m carries.
         self.bare = keras.models.clone_model(model) if cfg.format == "tf_checkpoint" else None
@@ -61,8 +67,9 @@ class CheckpointWriter:
             self.raise_error()
             return
         copy_training_state(model, self.mirror(model))
-        self.thread = threading.Thread(target=self.write, args=(self.snapshot, stem, state, logs),
-                                       name=f"checkpoint-{stem}")
+        self.thread = threading.Thread(
+            target=self.write, args=(self.snapshot, stem, state, logs), name=f"checkpoint-{stem}"
+        )
         # Not a daemon: the interpreter waits for a write in progress even on an unforeseen exit.
         self.thread.start()
 
@@ -99,8 +106,7 @@ class CheckpointWriter:
             for ours, theirs in zip(twin._flatten_layers(), model._flatten_layers()):
                 ours.trainable = theirs.trainable
             config = {k: v for k, v in model.get_compile_config().items() if k != "optimizer"}
-            twin.compile(optimizer=keras.optimizers.deserialize(keras.optimizers.serialize(model.optimizer)),
-                         **config)
+            twin.compile(optimizer=keras.optimizers.deserialize(keras.optimizers.serialize(model.optimizer)), **config)
             twin.optimizer.build(twin.trainable_variables)
             self.snapshot_optimizer = model.optimizer
         return twin
@@ -113,8 +119,11 @@ def copy_training_state(model: keras.Model, twin: keras.Model) -> None:
     when another variable still shares it, so the twin keeps these values
     while training goes on.
     """
-    pairs = [(twin.weights, model.weights), (twin.optimizer.variables, model.optimizer.variables),
-             ([g.state for g in seed_generators(twin)], [g.state for g in seed_generators(model)])]
+    pairs = [
+        (twin.weights, model.weights),
+        (twin.optimizer.variables, model.optimizer.variables),
+        ([g.state for g in seed_generators(twin)], [g.state for g in seed_generators(model)]),
+    ]
     for ours, theirs in pairs:
         if len(ours) != len(theirs):
             raise RuntimeError(f"checkpoint snapshot: {len(ours)} variables to fill from {len(theirs)}")
@@ -124,8 +133,10 @@ def copy_training_state(model: keras.Model, twin: keras.Model) -> None:
 
 def prune_and_announce(cfg: CheckpointConfig) -> Callable[[Checkpoint], None]:
     """The usual on_commit: prune older checkpoints (keeping the best as of this one), announce it."""
+
     def on_commit(ckpt: Checkpoint) -> None:
         keep = 1 if cfg.save_best_only else cfg.keep_last
         prune(Path(cfg.dir), keep, ckpt.state.best_stem)
         print(f"checkpoint: {Path(cfg.dir) / ckpt.stem} ({cfg.format})", flush=True)
+
     return on_commit

@@ -7,6 +7,7 @@ content depends only on (seed, epoch, batch index): Keras's own iterator
 reseeds NumPy's global generator in call order, so after a resume, or with
 parallel workers, it would serve a different order than an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 import tensorflow as tf
+from PIL import Image, ImageOps
 
 from pipeline.config import DataConfig
 from pipeline.data.sample_data import has_images, write_sample_data
@@ -37,9 +38,12 @@ UNINDEXED_IMAGE_EXTENSIONS = (".gif", ".webp", ".heic", ".heif", ".avif", ".jfif
 _GLOBAL_RNG_LOCK = threading.Lock()
 
 RESAMPLING = {
-    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
 
 
@@ -69,6 +73,7 @@ class TooManyPixels(ValueError):
 @dataclass
 class Split:
     """One side of the data: files, integer labels, and where they came from."""
+
     filepaths: list[str]
     labels: np.ndarray
     source: str
@@ -85,8 +90,9 @@ class DataSet:
     augmenter: ImageDataGenerator
 
 
-def load_image(path: str, image_size: int, interpolation: str = "bilinear",
-               max_pixels: int = DataConfig.max_pixels) -> np.ndarray:
+def load_image(
+    path: str, image_size: int, interpolation: str = "bilinear", max_pixels: int = DataConfig.max_pixels
+) -> np.ndarray:
     """Decode one image as float32 RGB 0-255 at image_size x image_size (training's loader)."""
     return resize_image(decode_image(path, max_pixels), image_size, interpolation)
 
@@ -158,13 +164,19 @@ def make_augmenter(cfg: DataConfig, validation_split: float = 0.0) -> ImageDataG
     )
 
 
-def index_folder(gen: ImageDataGenerator, directory: Path, cfg: DataConfig,
-                 classes=None, subset=None):
+def index_folder(gen: ImageDataGenerator, directory: Path, cfg: DataConfig, classes=None, subset=None):
     """List files and labels the way flow_from_directory sees them."""
     it = gen.flow_from_directory(
-        str(directory), target_size=(cfg.image_size, cfg.image_size), classes=classes,
-        class_mode="categorical", batch_size=cfg.batch_size, shuffle=False,
-        follow_links=True, subset=subset, interpolation="nearest")
+        str(directory),
+        target_size=(cfg.image_size, cfg.image_size),
+        classes=classes,
+        class_mode="categorical",
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        follow_links=True,
+        subset=subset,
+        interpolation="nearest",
+    )
     names = sorted(it.class_indices, key=it.class_indices.get)
     return names, Split(list(it.filepaths), np.asarray(it.classes, dtype=np.int64), str(directory))
 
@@ -174,8 +186,10 @@ def read_dataset(cfg: DataConfig) -> DataSet:
     root = Path(cfg.dir)
     train_dir, val_dir = root / "train", root / "validation"
     if not train_dir.is_dir():
-        raise DataError(f"data.dir={cfg.dir!r} has no train/ folder; expected "
-                        f"{train_dir}/<class>/<images> (and optionally {val_dir}/<class>/...)")
+        raise DataError(
+            f"data.dir={cfg.dir!r} has no train/ folder; expected "
+            f"{train_dir}/<class>/<images> (and optionally {val_dir}/<class>/...)"
+        )
     for folder in (train_dir, val_dir):
         check_link_cycles(folder)
     classes = class_folders(train_dir)
@@ -188,8 +202,13 @@ def read_dataset(cfg: DataConfig) -> DataSet:
         # Same split fraction on both generators, so the two subsets are complementary.
         augmenter = make_augmenter(cfg, cfg.validation_split)
         names, train = index_folder(augmenter, train_dir, cfg, classes=classes, subset="training")
-        _, validation = index_folder(ImageDataGenerator(validation_split=cfg.validation_split),
-                                     train_dir, cfg, classes=names, subset="validation")
+        _, validation = index_folder(
+            ImageDataGenerator(validation_split=cfg.validation_split),
+            train_dir,
+            cfg,
+            classes=names,
+            subset="validation",
+        )
         validation.source = f"{train_dir} (held-out {cfg.validation_split:.0%})"
     check_layout(names, train, validation, root)
     warn_missing_validation(names, validation)
@@ -217,8 +236,7 @@ def check_layout(names: list[str], train: Split, validation: Split, root: Path) 
         raise DataError(f"{root / 'train'} holds {len(names)} class folder(s); a classifier needs at least 2")
     empty = [n for n, c in zip(names, train.counts(len(names))) if c == 0]
     if empty:
-        raise DataError(f"class folder(s) with no images in {root / 'train'}: {', '.join(empty)} "
-                        f"({EXTENSIONS_HINT})")
+        raise DataError(f"class folder(s) with no images in {root / 'train'}: {', '.join(empty)} ({EXTENSIONS_HINT})")
     if len(validation.filepaths) == 0:
         raise DataError(f"no validation images in {validation.source}")
 
@@ -227,16 +245,20 @@ def check_validation_classes(names: list[str], val_dir: Path) -> None:
     """Refuse a validation class that training does not have: its images would be silently unused."""
     extra = [name for name in class_folders(val_dir) if name not in names]
     if extra:
-        raise DataError(f"class folder(s) in {val_dir} that {val_dir.parent / 'train'} does not have: "
-                        f"{', '.join(extra)}; rename or remove them (the model can only learn classes in train/)")
+        raise DataError(
+            f"class folder(s) in {val_dir} that {val_dir.parent / 'train'} does not have: "
+            f"{', '.join(extra)}; rename or remove them (the model can only learn classes in train/)"
+        )
 
 
 def warn_missing_validation(names: list[str], validation: Split) -> None:
     """Warn about training classes with no validation images; their accuracy goes unmeasured."""
     missing = [n for n, c in zip(names, validation.counts(len(names))) if c == 0]
     if missing:
-        print(f"warning: no validation images for class(es) {', '.join(missing)} in {validation.source}; "
-              "their accuracy is not measured (labels still follow train/'s class order)")
+        print(
+            f"warning: no validation images for class(es) {', '.join(missing)} in {validation.source}; "
+            "their accuracy is not measured (labels still follow train/'s class order)"
+        )
 
 
 def warn_unindexed_images(folder: Path, names: list[str]) -> None:
@@ -251,8 +273,11 @@ def warn_unindexed_images(folder: Path, names: list[str]) -> None:
                         counts[ext] = counts.get(ext, 0) + 1
     if counts:
         listed = ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items()))
-        print(f"warning: {sum(counts.values())} image file(s) in {folder} are not used ({listed}): training reads "
-              f"{' '.join(INDEXED_EXTENSIONS)}; convert them (e.g. to .png) to train on them", flush=True)
+        print(
+            f"warning: {sum(counts.values())} image file(s) in {folder} are not used ({listed}): training reads "
+            f"{' '.join(INDEXED_EXTENSIONS)}; convert them (e.g. to .png) to train on them",
+            flush=True,
+        )
 
 
 def check_link_cycles(top: Path) -> None:
@@ -274,8 +299,10 @@ def check_link_cycles(top: Path) -> None:
                 continue
             real = os.path.realpath(entry.path)
             if entry.is_symlink() and real in above:
-                raise DataError(f"symbolic link {entry.path} -> {real} leads back to a folder above it, "
-                                "so its images would be listed over and over; remove the link")
+                raise DataError(
+                    f"symbolic link {entry.path} -> {real} leads back to a folder above it, "
+                    "so its images would be listed over and over; remove the link"
+                )
             pending.append((entry.path, above + (real,)))
 
 
@@ -294,14 +321,22 @@ class Batches(tf.keras.utils.PyDataset):
     continued mid-epoch sees exactly the batches an uninterrupted one would.
     """
 
-    def __init__(self, split: Split, n_classes: int, cfg: DataConfig, seed: int, epoch: int,
-                 augmenter: ImageDataGenerator | None, shuffle: bool, start_batch: int = 0):
+    def __init__(
+        self,
+        split: Split,
+        n_classes: int,
+        cfg: DataConfig,
+        seed: int,
+        epoch: int,
+        augmenter: ImageDataGenerator | None,
+        shuffle: bool,
+        start_batch: int = 0,
+    ):
         super().__init__(workers=cfg.workers, use_multiprocessing=False, max_queue_size=4)
         self.split, self.n_classes, self.cfg = split, n_classes, cfg
         self.seed, self.epoch, self.augmenter = seed, epoch, augmenter
         n = len(split.filepaths)
-        self.order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle
-                      else np.arange(n))
+        self.order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
         self.batches_per_epoch = math.ceil(n / cfg.batch_size)
         self.start_batch = start_batch
 
@@ -318,7 +353,7 @@ class Batches(tf.keras.utils.PyDataset):
         return x, y
 
     def picks(self, batch: int) -> np.ndarray:
-        return self.order[batch * self.cfg.batch_size:(batch + 1) * self.cfg.batch_size]
+        return self.order[batch * self.cfg.batch_size : (batch + 1) * self.cfg.batch_size]
 
     def shard(self, batch: int, part: int, parts: int):
         """Part `part` of `parts` of global batch `batch`, as (x, y, sample weights).
@@ -328,15 +363,14 @@ class Batches(tf.keras.utils.PyDataset):
         """
         picks = self.picks(batch)
         size = -(-len(picks) // parts)
-        mine = picks[part * size:(part + 1) * size]
+        mine = picks[part * size : (part + 1) * size]
         padded = np.concatenate([mine, np.repeat(picks[:1], size - len(mine))]).astype(int)
         x, y = self.arrays(padded)
         w = (np.arange(size) < len(mine)).astype(np.float32)
         return x.astype(np.float32), y, w
 
     def load(self, j: int) -> np.ndarray:
-        x = load_image(self.split.filepaths[j], self.cfg.image_size, self.cfg.interpolation,
-                       self.cfg.max_pixels)
+        x = load_image(self.split.filepaths[j], self.cfg.image_size, self.cfg.interpolation, self.cfg.max_pixels)
         if self.augmenter is None:
             return x
         key = int(np.random.SeedSequence([self.seed, self.epoch, j]).generate_state(1)[0])
@@ -346,10 +380,10 @@ class Batches(tf.keras.utils.PyDataset):
 
 
 def train_batches(data: DataSet, cfg: DataConfig, seed: int, epoch: int, start_batch: int = 0) -> Batches:
-    return Batches(data.train, len(data.class_names), cfg, seed, epoch, data.augmenter,
-                   shuffle=True, start_batch=start_batch)
+    return Batches(
+        data.train, len(data.class_names), cfg, seed, epoch, data.augmenter, shuffle=True, start_batch=start_batch
+    )
 
 
 def validation_batches(data: DataSet, cfg: DataConfig) -> Batches:
-    return Batches(data.validation, len(data.class_names), cfg, seed=0, epoch=0,
-                   augmenter=None, shuffle=False)
+    return Batches(data.validation, len(data.class_names), cfg, seed=0, epoch=0, augmenter=None, shuffle=False)

@@ -15,6 +15,7 @@ the overrides, so every run of a sweep would otherwise decode the whole set
 again. data/ is git-ignored and the name is hidden, so the cache is never
 committed nor taken for data; a read-only data.dir just means no cache.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,7 +27,6 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import PIL
@@ -49,7 +49,8 @@ PROGRESS_EVERY = 10.0  # seconds between progress lines on a large set
 @dataclass(frozen=True)
 class Verdict:
     """What decoding one file found. reason None means it decodes; pixels is width x height."""
-    reason: Optional[str] = None
+
+    reason: str | None = None
     detail: str = ""
     pixels: int = 0
 
@@ -62,8 +63,7 @@ class ScanStats:
     seconds: float = 0.0
 
 
-def check_images(data: DataSet, cfg: DataConfig, report_dir: Path,
-                 cache_path: Optional[Path] = None) -> DataSet:
+def check_images(data: DataSet, cfg: DataConfig, report_dir: Path, cache_path: Path | None = None) -> DataSet:
     """Decode every image before training; stop on bad ones, or drop them with data.on_bad_image=skip.
 
     cache_path defaults to data.dir/.image_check_cache.json. report_dir (the
@@ -72,8 +72,11 @@ def check_images(data: DataSet, cfg: DataConfig, report_dir: Path,
     paths = list(dict.fromkeys(data.train.filepaths + data.validation.filepaths))
     cache_path = cache_path or Path(cfg.dir) / CACHE_NAME
     verdicts, stats = scan_images(paths, cfg.max_pixels, cache_path)
-    print(f"data: checked {stats.files:,} images in {stats.seconds:.1f} s "
-          f"({stats.decoded:,} decoded, {stats.cached:,} unchanged since the last check)", flush=True)
+    print(
+        f"data: checked {stats.files:,} images in {stats.seconds:.1f} s "
+        f"({stats.decoded:,} decoded, {stats.cached:,} unchanged since the last check)",
+        flush=True,
+    )
     bad = {p: v for p, v in verdicts.items() if v.reason}
     if not bad:
         return data
@@ -81,10 +84,15 @@ def check_images(data: DataSet, cfg: DataConfig, report_dir: Path,
     listing = "\n".join(f"  {p}: {describe(v)}" for p, v in bad.items())
     where = f" (also listed in {report})" if report else ""
     if cfg.on_bad_image == "fail":
-        raise DataError(f"{len(bad)} of {len(paths):,} images cannot be used{where}:\n{listing}\n"
-                        "Fix or remove these files, or rerun with data.on_bad_image=skip to train without them.")
-    print(f"warning: data.on_bad_image=skip: training without {len(bad)} of {len(paths):,} images "
-          f"that cannot be used{where}:\n{listing}", flush=True)
+        raise DataError(
+            f"{len(bad)} of {len(paths):,} images cannot be used{where}:\n{listing}\n"
+            "Fix or remove these files, or rerun with data.on_bad_image=skip to train without them."
+        )
+    print(
+        f"warning: data.on_bad_image=skip: training without {len(bad)} of {len(paths):,} images "
+        f"that cannot be used{where}:\n{listing}",
+        flush=True,
+    )
     return drop_images(data, set(bad))
 
 
@@ -92,8 +100,13 @@ def describe(verdict: Verdict) -> str:
     return f"{verdict.reason} ({verdict.detail})" if verdict.detail else verdict.reason
 
 
-def scan_images(paths: list[str], max_pixels: int, cache_path: Optional[Path],
-                workers: Optional[int] = None, executor: str = "thread") -> tuple[dict[str, Verdict], ScanStats]:
+def scan_images(
+    paths: list[str],
+    max_pixels: int,
+    cache_path: Path | None,
+    workers: int | None = None,
+    executor: str = "thread",
+) -> tuple[dict[str, Verdict], ScanStats]:
     """Verdicts for every path, decoding only files the cache does not vouch for.
 
     executor is "thread" (why: see make_executor) or "process", for measuring.
@@ -110,10 +123,10 @@ def scan_images(paths: list[str], max_pixels: int, cache_path: Optional[Path],
     return {p: verdicts[p] for p in paths}, stats
 
 
-def decode_all(paths: list[str], max_pixels: int, workers: Optional[int], executor: str) -> dict[str, Verdict]:
+def decode_all(paths: list[str], max_pixels: int, workers: int | None, executor: str) -> dict[str, Verdict]:
     """Decode paths in parallel, printing progress now and then on a large set."""
     workers = workers or os.cpu_count() or 1
-    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     if workers == 1 or len(chunks) <= 1:
         return dict(zip(paths, check_files(paths, max_pixels)))
     results, last_note = {}, time.perf_counter()
@@ -162,7 +175,7 @@ def check_file(path: str, max_pixels: int) -> Verdict:
     return Verdict(None, pixels=image.width * image.height)
 
 
-def file_stamp(path: str) -> Optional[list[int]]:
+def file_stamp(path: str) -> list[int] | None:
     """[size, mtime_ns]: what must not change for a cached verdict to hold; None if stat fails."""
     try:
         st = os.stat(path)
@@ -171,20 +184,21 @@ def file_stamp(path: str) -> Optional[list[int]]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def cached_verdict(entry: Optional[dict], stamp: Optional[list[int]], max_pixels: int) -> Optional[Verdict]:
+def cached_verdict(entry: dict | None, stamp: list[int] | None, max_pixels: int) -> Verdict | None:
     """The cached verdict if the file is unchanged and data.max_pixels cannot change it; else None."""
     if not entry or stamp is None or entry.get("stamp") != stamp:
         return None
     verdict = Verdict(entry.get("reason"), entry.get("detail", ""), entry.get("pixels", 0))
     if verdict.reason is None and verdict.pixels > max_pixels:
-        return Verdict(TOO_MANY_PIXELS, f"{verdict.pixels:,} pixels, more than data.max_pixels={max_pixels:,}",
-                       verdict.pixels)
+        return Verdict(
+            TOO_MANY_PIXELS, f"{verdict.pixels:,} pixels, more than data.max_pixels={max_pixels:,}", verdict.pixels
+        )
     if verdict.reason == TOO_MANY_PIXELS and verdict.pixels <= max_pixels:
         return None  # the limit was raised: this one has never been decoded
     return verdict
 
 
-def cache_entry(verdict: Verdict, stamp: Optional[list[int]]) -> Optional[dict]:
+def cache_entry(verdict: Verdict, stamp: list[int] | None) -> dict | None:
     # Permissions can change without touching size or mtime, so "unreadable" is always re-checked.
     if stamp is None or verdict.reason == UNREADABLE:
         return None
@@ -207,8 +221,7 @@ def save_cache(cache_path: Path, entries: dict) -> None:
 
     A folder we may not write to just goes without a cache.
     """
-    body = {"version": [CACHE_VERSION, PIL.__version__],
-            "entries": {p: e for p, e in entries.items() if e is not None}}
+    body = {"version": [CACHE_VERSION, PIL.__version__], "entries": {p: e for p, e in entries.items() if e is not None}}
     cache_path = Path(cache_path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=cache_path.name + ".", suffix=".tmp", dir=cache_path.parent)
@@ -224,7 +237,7 @@ def save_cache(cache_path: Path, entries: dict) -> None:
         print(f"note: image check results not cached: {err}")
 
 
-def write_report(bad: dict[str, Verdict], report_dir: Path) -> Optional[Path]:
+def write_report(bad: dict[str, Verdict], report_dir: Path) -> Path | None:
     """bad_images.csv (path, reason, detail) in the run's output folder; None if it cannot be written."""
     report = report_dir / REPORT_NAME
     try:
@@ -241,24 +254,30 @@ def write_report(bad: dict[str, Verdict], report_dir: Path) -> Optional[Path]:
 
 def drop_images(data: DataSet, drop: set[str]) -> DataSet:
     """The data set without `drop`; refuses if that leaves a training class empty."""
+
     def keep(split: Split) -> Split:
         mask = np.array([p not in drop for p in split.filepaths], dtype=bool)
-        return replace(split, filepaths=[p for p, k in zip(split.filepaths, mask) if k],
-                       labels=split.labels[mask])
+        return replace(split, filepaths=[p for p, k in zip(split.filepaths, mask) if k], labels=split.labels[mask])
 
     kept = replace(data, train=keep(data.train), validation=keep(data.validation))
     n = len(data.class_names)
     check_layout(kept.class_names, kept.train, kept.validation, Path(data.train.source).parent)
-    emptied = [name for name, before, after in zip(data.class_names, data.validation.counts(n),
-                                                   kept.validation.counts(n)) if before and not after]
+    emptied = [
+        name
+        for name, before, after in zip(data.class_names, data.validation.counts(n), kept.validation.counts(n))
+        if before and not after
+    ]
     if emptied:
-        print(f"warning: skipping left no validation images for class(es) {', '.join(emptied)}; "
-              "their accuracy is not measured")
+        print(
+            f"warning: skipping left no validation images for class(es) {', '.join(emptied)}; "
+            "their accuracy is not measured"
+        )
     return kept
 
 
-def measure_check_speed(count: int = 1000, width: int = 160, height: int = 160,
-                        executor: str = "thread", workers: Optional[int] = None) -> float:
+def measure_check_speed(
+    count: int = 1000, width: int = 160, height: int = 160, executor: str = "thread", workers: int | None = None
+) -> float:
     """Images per second of a cold check (no cache) over `count` fresh width x height JPEGs.
 
     The pictures are smooth gradients plus sensor-like noise at JPEG quality 90,

@@ -160,8 +160,9 @@ def pick_colours(rng: np.random.Generator, class_name: str) -> tuple[np.ndarray,
     apart from the shape, while hues stay free.
     """
     hue = (CLASS_HUES[class_name] + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
-    shape_colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(*SATURATION_RANGE), rng.uniform(*VALUE_RANGE)),
-                            dtype=np.float32)
+    shape_colour = np.array(
+        colorsys.hsv_to_rgb(hue, rng.uniform(*SATURATION_RANGE), rng.uniform(*VALUE_RANGE)), dtype=np.float32
+    )
     background_colours = rng.random((2, 3), dtype=np.float32)
     shape_luma = luma(shape_colour)
     if shape_luma >= 0.5:
@@ -275,8 +276,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m pipeline.sample_data",
         description="Write a small shapes data set (circle, square, triangle) for training with no download.",
     )
-    parser.add_argument("directory", nargs="?", type=Path, default=Path("data"),
-                        help="folder to hold train/ and validation/ (default: data)")
+    parser.add_argument(
+        "directory",
+        nargs="?",
+        type=Path,
+        default=Path("data"),
+        help="folder to hold train/ and validation/ (default: data)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical files (default: 0)")
     return parser.parse_args(argv)
 

@@ -9,6 +9,7 @@ and the run ends with that worker's exit code. Each worker dies with this
 process (PR_SET_PDEATHSIG), so `kill -9` leaves no orphans; running the same
 command again resumes from the chief's checkpoints.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -47,8 +48,15 @@ def free_ports(count: int) -> list[int]:
 
 def worker_command(overrides: list[str], checkpoint_dir: str, save_path: str, run_dir: Path) -> list[str]:
     kept = [o for o in overrides if not o.lstrip("+~").startswith(FIXED_KEYS)]
-    return [sys.executable, "-m", "pipeline", *kept, f"checkpoint.dir={quote(checkpoint_dir)}",
-            f"model.save_path={quote(save_path)}", f"hydra.run.dir={quote(str(run_dir))}"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        *kept,
+        f"checkpoint.dir={quote(checkpoint_dir)}",
+        f"model.save_path={quote(save_path)}",
+        f"hydra.run.dir={quote(str(run_dir))}",
+    ]
 
 
 def quote(value: str) -> str:
@@ -67,24 +75,33 @@ def die_with_parent() -> None:
         pass
 
 
-def run_local_workers(count: int, overrides: list[str], checkpoint_dir: str, save_path: str,
-                      run_dir: Path) -> dict:
+def run_local_workers(count: int, overrides: list[str], checkpoint_dir: str, save_path: str, run_dir: Path) -> dict:
     """Run `count` workers to the end; return the chief's result.json contents."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(count)]}
-    print(f"starting {count} local workers: {', '.join(cluster['worker'])}; worker 0 is the chief, "
-          f"the others log to {run_dir}/worker-<i>.log", flush=True)
+    print(
+        f"starting {count} local workers: {', '.join(cluster['worker'])}; worker 0 is the chief, "
+        f"the others log to {run_dir}/worker-<i>.log",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="pipeline-workers-") as scratch, ExitStack() as stack:
         workers = []
         for index in range(count):
-            env = dict(os.environ, TF_CONFIG=json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+            env = dict(
+                os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            )
             # Only the chief's Hydra folder is the run's; the others' go with the scratch folder.
             own_dir = run_dir if index == 0 else Path(scratch) / f"worker-{index}"
             log = None if index == 0 else stack.enter_context(open(run_dir / f"worker-{index}.log", "w"))
-            workers.append(subprocess.Popen(worker_command(overrides, checkpoint_dir, save_path, own_dir),
-                                            env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                            preexec_fn=die_with_parent))
+            workers.append(
+                subprocess.Popen(
+                    worker_command(overrides, checkpoint_dir, save_path, own_dir),
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT if log else None,
+                    preexec_fn=die_with_parent,
+                )
+            )
         watch(workers, run_dir)
     result = run_dir / "result.json"
     return json.loads(result.read_text()) if result.is_file() else {}
@@ -108,16 +125,19 @@ def watch(workers: list[subprocess.Popen], run_dir: Path) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if stopping:
-        raise WorkerFailed("stopped by a signal; run the same command to continue from the last checkpoint",
-                           128 + signal.SIGTERM)
+        raise WorkerFailed(
+            "stopped by a signal; run the same command to continue from the last checkpoint", 128 + signal.SIGTERM
+        )
     failed = [(i, proc.returncode) for i, proc in enumerate(workers) if proc.returncode != 0]
     if failed:
         index, code = failed[0]
         where = "its messages are above" if index == 0 else f"its log: {run_dir}/worker-{index}.log"
         exit_code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128+N
-        raise WorkerFailed(f"worker {index} exited with code {exit_code} ({where}); the other workers "
-                           "were stopped. Run the same command to continue from the last checkpoint.",
-                           exit_code)
+        raise WorkerFailed(
+            f"worker {index} exited with code {exit_code} ({where}); the other workers "
+            "were stopped. Run the same command to continue from the last checkpoint.",
+            exit_code,
+        )
 
 
 def stop_all(workers: list[subprocess.Popen]) -> None:

@@ -6,22 +6,22 @@ data.batch_size stays the global batch: each step splits one global batch of
 the single-process feed between the replicas, so the number of steps, the
 checkpoints and resume are the same whatever the number of workers.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import shutil
 import tempfile
-from typing import Optional
 
 import tensorflow as tf
 
-from pipeline.distribute.tf_config import WorkerRole
 from pipeline.config import DistributeConfig
 from pipeline.data.dataset import Batches
+from pipeline.distribute.tf_config import WorkerRole
 
 
-def make_strategy(cfg: DistributeConfig) -> Optional[tf.distribute.Strategy]:
+def make_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy | None:
     """The strategy for `cfg`, or None for a plain single-process run.
 
     Must run before TensorFlow executes anything: MultiWorkerMirroredStrategy
@@ -38,7 +38,7 @@ def make_strategy(cfg: DistributeConfig) -> Optional[tf.distribute.Strategy]:
     return None
 
 
-def strategy_scope(strategy: Optional[tf.distribute.Strategy]):
+def strategy_scope(strategy: tf.distribute.Strategy | None):
     return strategy.scope() if strategy else contextlib.nullcontext()
 
 
@@ -93,12 +93,16 @@ def distribute_batches(batches: Batches, strategy: tf.distribute.Strategy):
 
         def typed(i):
             x, y, w = tf.numpy_function(load, [i], [tf.float32, tf.float32, tf.float32])
-            return (tf.ensure_shape(x, [None, size, size, 3]), tf.ensure_shape(y, [None, classes]),
-                    tf.ensure_shape(w, [None]))
+            return (
+                tf.ensure_shape(x, [None, size, size, 3]),
+                tf.ensure_shape(y, [None, classes]),
+                tf.ensure_shape(w, [None]),
+            )
 
         steps = len(batches) * local
-        dataset = tf.data.Dataset.range(steps).map(typed, num_parallel_calls=max(1, batches.cfg.workers),
-                                                   deterministic=True)
+        dataset = tf.data.Dataset.range(steps).map(
+            typed, num_parallel_calls=max(1, batches.cfg.workers), deterministic=True
+        )
         options = tf.data.Options()
         # The shards are chosen above; tf.data must not shard the batches again.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

@@ -3,6 +3,7 @@
 Kept free of TensorFlow so the entry point can refuse a bad TF_CONFIG in a
 second, before TensorFlow starts.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from pipeline.config import ConfigError, DistributeConfig
 @dataclass
 class WorkerRole:
     """Which worker this process is. The chief alone writes what users see."""
+
     index: int = 0
     count: int = 1
 
@@ -39,15 +41,19 @@ def check_tf_config(cfg: DistributeConfig) -> None:
         return
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        raise ConfigError("distribute=multi_worker needs TF_CONFIG (set by the cluster manager) naming the "
-                          "workers and this one's index; for workers on this machine use "
-                          "distribute.local_workers=N instead")
+        raise ConfigError(
+            "distribute=multi_worker needs TF_CONFIG (set by the cluster manager) naming the "
+            "workers and this one's index; for workers on this machine use "
+            "distribute.local_workers=N instead"
+        )
     try:
         tf_config = json.loads(raw)
         workers = tf_config["cluster"].get("worker", []) + tf_config["cluster"].get("chief", [])
         task_type, index = tf_config["task"]["type"], int(tf_config["task"]["index"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ConfigError(f"TF_CONFIG is not a valid cluster description ({err!r}): expected "
-                          '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}')
+        raise ConfigError(
+            f"TF_CONFIG is not a valid cluster description ({err!r}): expected "
+            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
+        )
     if not workers or task_type not in ("worker", "chief") or not 0 <= index < len(tf_config["cluster"][task_type]):
         raise ConfigError(f"TF_CONFIG names task {task_type} {index}, which its cluster does not list")

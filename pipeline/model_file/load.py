@@ -4,6 +4,7 @@ train.py saves the final model as .h5 with its metadata (final_model.py) as an
 HDF5 attribute and in a .json beside it. The metadata is read with h5py alone,
 before TensorFlow starts, so a wrong path or a foreign file fails in a second.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,9 @@ from pipeline.config import DataConfig
 
 # The HDF5 attribute final_model.py writes the metadata into (defined here, where no TensorFlow is imported).
 METADATA_ATTR = "pipeline_metadata"
-FINAL_MODEL_HINT = "pass the final model that training saved (model.save_path, e.g. model/my_saved_InceptionV3_model.h5)"
+FINAL_MODEL_HINT = (
+    "pass the final model that training saved (model.save_path, e.g. model/my_saved_InceptionV3_model.h5)"
+)
 
 
 class ModelFileError(CommandError):
@@ -29,8 +32,8 @@ class ModelInfo:
     path: Path
     class_names: list[str]
     image_size: int
-    interpolation: str   # the resize filter training used
-    max_pixels: int      # the decompression-bomb limit training used
+    interpolation: str  # the resize filter training used
+    max_pixels: int  # the decompression-bomb limit training used
     metadata: dict
 
 
@@ -46,8 +49,14 @@ def read_model_info(path) -> ModelInfo:
     if not isinstance(names, list) or not names or not isinstance(size, int):
         raise ModelFileError(f"{path}: its metadata has no class names or image size; {FINAL_MODEL_HINT}")
     data_cfg = (metadata.get("config") or {}).get("data") or {}
-    return ModelInfo(path, [str(n) for n in names], size, data_cfg.get("interpolation", DataConfig.interpolation),
-                     data_cfg.get("max_pixels", DataConfig.max_pixels), metadata)
+    return ModelInfo(
+        path,
+        [str(n) for n in names],
+        size,
+        data_cfg.get("interpolation", DataConfig.interpolation),
+        data_cfg.get("max_pixels", DataConfig.max_pixels),
+        metadata,
+    )
 
 
 def read_metadata(path: Path) -> dict:
@@ -60,8 +69,10 @@ def read_metadata(path: Path) -> dict:
     if stored is None:
         beside = path.with_suffix(".json")
         if not beside.is_file():
-            raise ModelFileError(f"{path} has no class names (no metadata inside it and no {beside.name} "
-                                 f"beside it), so it was not saved by this pipeline's training; {FINAL_MODEL_HINT}")
+            raise ModelFileError(
+                f"{path} has no class names (no metadata inside it and no {beside.name} "
+                f"beside it), so it was not saved by this pipeline's training; {FINAL_MODEL_HINT}"
+            )
         stored = beside.read_text()
     try:
         return json.loads(stored)
@@ -77,10 +88,13 @@ def load_model(info: ModelInfo):
         model = keras.models.load_model(info.path, compile=False)
     except Exception as err:  # noqa: BLE001 - h5py and Keras raise many kinds for a file that is not a whole model
         first_line = str(err).strip().split("\n")[0]
-        raise ModelFileError(f"{info.path} cannot be loaded as a Keras model ({first_line}); "
-                             f"{FINAL_MODEL_HINT}") from None
+        raise ModelFileError(
+            f"{info.path} cannot be loaded as a Keras model ({first_line}); {FINAL_MODEL_HINT}"
+        ) from None
     outputs, inputs = model.output_shape[-1], model.input_shape[1:3]
     if outputs != len(info.class_names) or tuple(inputs) != (info.image_size, info.image_size):
-        raise ModelFileError(f"{info.path}: the model takes {inputs} pixels and gives {outputs} classes, but "
-                             f"its metadata says {info.image_size} px and {len(info.class_names)} classes")
+        raise ModelFileError(
+            f"{info.path}: the model takes {inputs} pixels and gives {outputs} classes, but "
+            f"its metadata says {info.image_size} px and {len(info.class_names)} classes"
+        )
     return model

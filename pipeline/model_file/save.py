@@ -5,12 +5,12 @@ save would destroy the previous model. We save to a temporary name beside it,
 add the metadata as an HDF5 attribute, fsync, and rename over the old file.
 A JSON copy of the metadata is written beside it for people and other tools.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import h5py
 import keras
@@ -42,7 +42,7 @@ def save_final(model: keras.Model, path: Path, metadata: dict) -> None:
     write_json_atomic(metadata_path(path), metadata)
 
 
-def read_metadata(path: Path) -> Optional[dict]:
+def read_metadata(path: Path) -> dict | None:
     """The metadata stored inside a final model file, or None if absent or unreadable."""
     try:
         with h5py.File(path, "r") as f:

@@ -10,6 +10,7 @@ trained again: they are dropped when the run starts, so the file never holds
 an epoch twice. TensorBoard's logs are rebuilt from the kept rows at the same
 moment, for the same reason.
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,13 +28,23 @@ from pipeline.checkpoints.store import TrainState
 
 HISTORY = "history.csv"
 TENSORBOARD = "tensorboard"
-COLUMNS = ("epoch", "phase", "phase_epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
-           "resumed_from", "resumed_at")
+COLUMNS = (
+    "epoch",
+    "phase",
+    "phase_epoch",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "seconds",
+    "resumed_from",
+    "resumed_at",
+)
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
 # TensorBoard's scalar plugin marker. tf.summary.scalar would add it, but it needs
 # the tensorboard package, which TensorFlow no longer brings; tf.summary.write does not.
-SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+SCALAR_METADATA = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
 
 
 def read_history(path: Path) -> list[dict]:
@@ -47,9 +58,13 @@ def read_history(path: Path) -> list[dict]:
 
 
 def parse_row(row: dict) -> dict:
-    parsed = {"epoch": int(row["epoch"]), "phase": row.get("phase", ""),
-              "phase_epoch": int(row.get("phase_epoch") or 0),
-              "resumed_from": row.get("resumed_from") or "", "resumed_at": to_float(row.get("resumed_at"))}
+    parsed = {
+        "epoch": int(row["epoch"]),
+        "phase": row.get("phase", ""),
+        "phase_epoch": int(row.get("phase_epoch") or 0),
+        "resumed_from": row.get("resumed_from") or "",
+        "resumed_at": to_float(row.get("resumed_at")),
+    }
     return {**parsed, **{k: to_float(row.get(k)) for k in METRICS}}
 
 
@@ -75,8 +90,9 @@ def format_cell(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def start_history(report_dir: Path, state_of: Callable[[], TrainState],
-                  resumed_from: str | None) -> list[keras.callbacks.Callback]:
+def start_history(
+    report_dir: Path, state_of: Callable[[], TrainState], resumed_from: str | None
+) -> list[keras.callbacks.Callback]:
     """Keep the rows up to the state training starts from; the callbacks that record the rest.
 
     `state_of()` is the run's live TrainState (train.Session.state), read when
@@ -108,23 +124,29 @@ def rebuild_tensorboard(logdir: Path, rows: list[dict]) -> dict:
 
 def write_scalars(writers: dict, row: dict) -> None:
     """Keras's tag names (epoch_loss, ...) in train/ and validation/, so TensorBoard overlays the two."""
-    values = {"train": {"epoch_loss": row["loss"], "epoch_accuracy": row["accuracy"],
-                        "epoch_learning_rate": row["lr"], "epoch_seconds": row["seconds"]},
-              "validation": {"epoch_loss": row["val_loss"], "epoch_accuracy": row["val_accuracy"]}}
+    values = {
+        "train": {
+            "epoch_loss": row["loss"],
+            "epoch_accuracy": row["accuracy"],
+            "epoch_learning_rate": row["lr"],
+            "epoch_seconds": row["seconds"],
+        },
+        "validation": {"epoch_loss": row["val_loss"], "epoch_accuracy": row["val_accuracy"]},
+    }
     for split, scalars in values.items():
         with writers[split].as_default():
             for tag, value in scalars.items():
                 if not math.isnan(value):  # NaN: not measured
-                    tf.summary.write(tag, tf.constant(value, tf.float32), step=row["epoch"],
-                                     metadata=SCALAR_METADATA)
+                    tf.summary.write(tag, tf.constant(value, tf.float32), step=row["epoch"], metadata=SCALAR_METADATA)
         writers[split].flush()
 
 
 class EpochRecorder(keras.callbacks.Callback):
     """Appends one row per finished epoch to history.csv and TensorBoard."""
 
-    def __init__(self, path: Path, rows: list[dict], writers: dict, state_of: Callable[[], TrainState],
-                 resumed_from: str | None):
+    def __init__(
+        self, path: Path, rows: list[dict], writers: dict, state_of: Callable[[], TrainState], resumed_from: str | None
+    ):
         super().__init__()
         self.path, self.rows, self.writers, self.state_of = path, rows, writers, state_of
         self.resumed_from = resumed_from  # marks the first row this process writes
@@ -145,10 +167,16 @@ class EpochRecorder(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs, state = dict(logs or {}), self.state_of()
-        row = {"epoch": state.epoch + 1, "phase": state.phase, "phase_epoch": state.phase_epoch + 1,
-               **{k: to_float(logs.get(k)) for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
-               "lr": self.lr, "seconds": round(time.time() - self.started, 2),
-               "resumed_from": "", "resumed_at": float("nan")}
+        row = {
+            "epoch": state.epoch + 1,
+            "phase": state.phase,
+            "phase_epoch": state.phase_epoch + 1,
+            **{k: to_float(logs.get(k)) for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
+            "lr": self.lr,
+            "seconds": round(time.time() - self.started, 2),
+            "resumed_from": "",
+            "resumed_at": float("nan"),
+        }
         if self.resumed_from:
             row["resumed_from"], row["resumed_at"] = self.resumed_from, round(self.resumed_at or 0.0, 3)
             self.resumed_from = None

@@ -3,6 +3,7 @@
 Shared by the run report (on the validation set) and `pipeline.evaluate` (on
 any class-per-folder tree), so both count the same way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,16 +48,22 @@ def format_scores(matrix: np.ndarray, names: list[str]) -> str:
     """Accuracy, then a table of precision, recall, F1 and support per class and their macro average."""
     scores = class_scores(matrix)
     width = max(len("macro avg"), *(len(n) for n in names))
-    lines = [f"accuracy {accuracy(matrix):.4f} ({int(np.trace(matrix))}/{int(matrix.sum())})",
-             f"{'class':<{width}}  precision  recall      f1  support"]
+    lines = [
+        f"accuracy {accuracy(matrix):.4f} ({int(np.trace(matrix))}/{int(matrix.sum())})",
+        f"{'class':<{width}}  precision  recall      f1  support",
+    ]
     for i, name in enumerate(names):
-        lines.append(f"{name:<{width}}  {scores.precision[i]:9.4f}  {scores.recall[i]:6.4f}  "
-                     f"{scores.f1[i]:6.4f}  {int(scores.support[i]):7d}")
+        lines.append(
+            f"{name:<{width}}  {scores.precision[i]:9.4f}  {scores.recall[i]:6.4f}  "
+            f"{scores.f1[i]:6.4f}  {int(scores.support[i]):7d}"
+        )
     present = scores.support > 0  # classes without images would drag the average down for nothing
     if present.any():
-        lines.append(f"{'macro avg':<{width}}  {scores.precision[present].mean():9.4f}  "
-                     f"{scores.recall[present].mean():6.4f}  {scores.f1[present].mean():6.4f}  "
-                     f"{int(scores.support.sum()):7d}")
+        lines.append(
+            f"{'macro avg':<{width}}  {scores.precision[present].mean():9.4f}  "
+            f"{scores.recall[present].mean():6.4f}  {scores.f1[present].mean():6.4f}  "
+            f"{int(scores.support.sum()):7d}"
+        )
     return "\n".join(lines)
 
 
@@ -68,4 +75,3 @@ def format_confusion(matrix: np.ndarray, names: list[str]) -> str:
     for name, row in zip(names, matrix):
         lines.append(f"{name:<{width}}  " + "  ".join(f"{int(v):>{cell}}" for v in row))
     return "\n".join(lines)
-

@@ -4,6 +4,7 @@ Drawn on matplotlib's Agg canvas through `Figure` directly, not pyplot: no
 display is needed (servers, ssh) and no global pyplot state is touched, so
 sweep jobs in one process cannot draw into each other's figures.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,13 @@ def draw_curves(rows: list[dict], path: Path) -> Path:
             ax.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=ax.transAxes)
         for row in rows:
             if row["resumed_from"]:
-                ax.axvline(row["resumed_at"] + 0.5, color="crimson", linestyle=":", linewidth=1.5,
-                           label="resumed" if row is first_resume(rows) else None)
+                ax.axvline(
+                    row["resumed_at"] + 0.5,
+                    color="crimson",
+                    linestyle=":",
+                    linewidth=1.5,
+                    label="resumed" if row is first_resume(rows) else None,
+                )
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
@@ -59,8 +65,13 @@ def shade_phases(ax, rows: list[dict]) -> None:
     named = set()
     for row in rows:
         phase = row["phase"]
-        ax.axvspan(row["epoch"] - 0.5, row["epoch"] + 0.5, color=PHASE_COLOURS.get(phase, "#eeeeee"),
-                   linewidth=0, label=f"{phase} phase" if phase not in named else None)
+        ax.axvspan(
+            row["epoch"] - 0.5,
+            row["epoch"] + 0.5,
+            color=PHASE_COLOURS.get(phase, "#eeeeee"),
+            linewidth=0,
+            label=f"{phase} phase" if phase not in named else None,
+        )
         named.add(phase)
 
 
@@ -79,6 +90,5 @@ def draw_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str 
     ax.set_title(title)
     threshold = matrix.max(initial=0) / 2
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(int(count)), ha="center", va="center",
-                color="white" if count > threshold else "black")
+        ax.text(j, i, str(int(count)), ha="center", va="center", color="white" if count > threshold else "black")
     return save_figure(fig, path)

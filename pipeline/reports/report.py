@@ -6,13 +6,13 @@ final model on the validation set, which it predicts here with the
 validation batches training used (so the matrix's accuracy is the last
 epoch's val_accuracy). The curves come from history.csv (history.py).
 """
+
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
 import keras
 import numpy as np
@@ -21,10 +21,10 @@ from pipeline.atomic_file import replaced
 from pipeline.checkpoints.store import TrainState
 from pipeline.config import Config
 from pipeline.data.dataset import DataSet, validation_batches
-from pipeline.reports.history import HISTORY, TENSORBOARD, read_history
 from pipeline.inference import predict_batch
-from pipeline.reports.metrics import CORNER, accuracy, class_scores, confusion_matrix
 from pipeline.model import resolve_unfreeze_after
+from pipeline.reports.history import HISTORY, TENSORBOARD, read_history
+from pipeline.reports.metrics import CORNER, accuracy, class_scores, confusion_matrix
 from pipeline.reports.plots import draw_confusion, draw_curves
 
 REPORT = "report.md"
@@ -32,8 +32,15 @@ CURVES = "curves.png"
 CONFUSION = "confusion_matrix.png"
 
 
-def write_run_report(report_dir: Path, cfg: Config, data: DataSet, model: keras.Model, state: TrainState,
-                     last_logs: dict, validation: Optional[tuple[keras.Model, Sequence]] = None) -> Path:
+def write_run_report(
+    report_dir: Path,
+    cfg: Config,
+    data: DataSet,
+    model: keras.Model,
+    state: TrainState,
+    last_logs: dict,
+    validation: tuple[keras.Model, Sequence] | None = None,
+) -> Path:
     """Draw the figures and write report.md; print where it is.
 
     `validation` is the (model, batches) pair the last phase validated with: for a
@@ -65,13 +72,19 @@ def write_missing_report(report_dir: Path, cfg: Config, data: DataSet, state: Tr
 
 
 def validation_confusion(model: keras.Model, batches: Sequence, n_classes: int, labels: np.ndarray) -> np.ndarray:
-    predicted = np.concatenate([np.argmax(predict_batch(model, batches[i][0]), axis=1)
-                                for i in range(len(batches))])
+    predicted = np.concatenate([np.argmax(predict_batch(model, batches[i][0]), axis=1) for i in range(len(batches))])
     return confusion_matrix(labels, predicted, n_classes)
 
 
-def render_report(report_dir: Path, cfg: Config, data: DataSet, state: TrainState, last_logs: dict,
-                  rows: list[dict], matrix: np.ndarray) -> str:
+def render_report(
+    report_dir: Path,
+    cfg: Config,
+    data: DataSet,
+    state: TrainState,
+    last_logs: dict,
+    rows: list[dict],
+    matrix: np.ndarray,
+) -> str:
     sections = [
         f"# Run report: {report_dir.name}\n\nWritten {time.strftime('%Y-%m-%d %H:%M')}.",
         data_section(cfg, data),
@@ -86,10 +99,11 @@ def render_report(report_dir: Path, cfg: Config, data: DataSet, state: TrainStat
 def data_section(cfg: Config, data: DataSet) -> str:
     n = len(data.class_names)
     train, val = data.train.counts(n), data.validation.counts(n)
-    source = (f"Training images from `{data.train.source}`, validation images from `{data.validation.source}`, "
-              f"at {cfg.data.image_size} px.")
-    lines = ["## Data", "", source, "",
-             "| class | train | share | validation |", "| --- | ---: | ---: | ---: |"]
+    source = (
+        f"Training images from `{data.train.source}`, validation images from `{data.validation.source}`, "
+        f"at {cfg.data.image_size} px."
+    )
+    lines = ["## Data", "", source, "", "| class | train | share | validation |", "| --- | ---: | ---: | ---: |"]
     total = sum(train)
     lines += [f"| {name} | {t} | {t / total:.0%} | {v} |" for name, t, v in zip(data.class_names, train, val)]
     lines.append(f"| **total** | **{total}** | | **{sum(val)}** |")
@@ -103,18 +117,28 @@ def data_section(cfg: Config, data: DataSet) -> str:
 def phases_section(cfg: Config, rows: list[dict]) -> str:
     unfreeze = resolve_unfreeze_after(cfg.train.finetune.unfreeze_after, cfg.model.weights is not None)
     weights = cfg.model.weights if cfg.model.weights is not None else "none (random init)"
-    lines = ["## Phases", "", f"InceptionV3, weights {weights}, dropout {cfg.model.dropout}.", "",
-             "| phase | epochs | optimizer | learning rate | schedule | trains | seconds |",
-             "| --- | ---: | --- | ---: | --- | --- | ---: |"]
+    lines = [
+        "## Phases",
+        "",
+        f"InceptionV3, weights {weights}, dropout {cfg.model.dropout}.",
+        "",
+        "| phase | epochs | optimizer | learning rate | schedule | trains | seconds |",
+        "| --- | ---: | --- | ---: | --- | --- | ---: |",
+    ]
     for name in ("head", "finetune"):
         phase = getattr(cfg.train, name)
         if phase.epochs == 0:
             continue
-        trains = "the head (base frozen)" if name == "head" else (
-            f"layers after {unfreeze}" if unfreeze else "the whole network")
+        trains = (
+            "the head (base frozen)"
+            if name == "head"
+            else (f"layers after {unfreeze}" if unfreeze else "the whole network")
+        )
         seconds = sum(r["seconds"] for r in rows if r["phase"] == name and not math.isnan(r["seconds"]))
-        lines.append(f"| {name} | {phase.epochs} | {phase.optimizer} | {phase.lr:g} | {phase.schedule} "
-                     f"| {trains} | {seconds:.0f} |")
+        lines.append(
+            f"| {name} | {phase.epochs} | {phase.optimizer} | {phase.lr:g} | {phase.schedule} "
+            f"| {trains} | {seconds:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -123,14 +147,19 @@ def result_section(cfg: Config, state: TrainState, last_logs: dict, rows: list[d
     epoch = best_epoch(rows, monitor, state.best)
     at = f" at epoch {epoch}" if epoch else ""
     best = "n/a" if state.best is None else f"{state.best:.4f}"
-    lines = ["## Result", "", f"- epochs trained: {state.epoch}",
-             f"- best {monitor}: {best}{at} (checkpoint `{state.best_stem}`)",
-             "- final: " + ", ".join(f"{k} {fmt(last_logs.get(k))}"
-                                     for k in ("loss", "accuracy", "val_loss", "val_accuracy"))]
+    lines = [
+        "## Result",
+        "",
+        f"- epochs trained: {state.epoch}",
+        f"- best {monitor}: {best}{at} (checkpoint `{state.best_stem}`)",
+        "- final: "
+        + ", ".join(f"{k} {fmt(last_logs.get(k))}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")),
+    ]
     resumes = [r for r in rows if r["resumed_from"]]
     if resumes:
-        lines.append("- resumed: " + "; ".join(f"from `{r['resumed_from']}` (after {r['resumed_at']:g} epochs)"
-                                               for r in resumes))
+        lines.append(
+            "- resumed: " + "; ".join(f"from `{r['resumed_from']}` (after {r['resumed_at']:g} epochs)" for r in resumes)
+        )
     return "\n".join(lines)
 
 
@@ -143,26 +172,42 @@ def best_epoch(rows: list[dict], monitor: str, best: float | None) -> int | None
 
 def confusion_section(matrix: np.ndarray, names: list[str]) -> str:
     scores = class_scores(matrix)
-    summary = (f"Accuracy {accuracy(matrix):.4f} ({int(np.trace(matrix))} of {int(matrix.sum())}); "
-               "rows are the true class, columns the predicted one.")
-    lines = ["## Validation confusion matrix (final model)", "", summary, "",
-             f"| {CORNER} | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    summary = (
+        f"Accuracy {accuracy(matrix):.4f} ({int(np.trace(matrix))} of {int(matrix.sum())}); "
+        "rows are the true class, columns the predicted one."
+    )
+    lines = [
+        "## Validation confusion matrix (final model)",
+        "",
+        summary,
+        "",
+        f"| {CORNER} | " + " | ".join(names) + " |",
+        "| --- | " + " | ".join("---:" for _ in names) + " |",
+    ]
     lines += [f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |" for name, row in zip(names, matrix)]
     lines += ["", "| class | precision | recall | F1 | images |", "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {name} | {scores.precision[i]:.3f} | {scores.recall[i]:.3f} | {scores.f1[i]:.3f} "
-              f"| {int(scores.support[i])} |" for i, name in enumerate(names)]
+    lines += [
+        f"| {name} | {scores.precision[i]:.3f} | {scores.recall[i]:.3f} | {scores.f1[i]:.3f} "
+        f"| {int(scores.support[i])} |"
+        for i, name in enumerate(names)
+    ]
     lines += ["", f"![confusion matrix]({CONFUSION})"]
     return "\n".join(lines)
 
 
 def files_section(report_dir: Path, cfg: Config) -> str:
     model = Path(cfg.model.save_path)
-    lines = ["## Files", "", f"![training curves]({CURVES})", "",
-             f"- model: `{model}` (metadata: `{model.with_suffix('.json')}`)",
-             f"- checkpoints: `{cfg.checkpoint.dir}/`",
-             f"- history, one row per epoch: `{report_dir / HISTORY}`",
-             f"- curves: `{report_dir / CURVES}`; confusion matrix: `{report_dir / CONFUSION}`",
-             f"- TensorBoard logs: `{report_dir / TENSORBOARD}/` (`make tensorboard`)"]
+    lines = [
+        "## Files",
+        "",
+        f"![training curves]({CURVES})",
+        "",
+        f"- model: `{model}` (metadata: `{model.with_suffix('.json')}`)",
+        f"- checkpoints: `{cfg.checkpoint.dir}/`",
+        f"- history, one row per epoch: `{report_dir / HISTORY}`",
+        f"- curves: `{report_dir / CURVES}`; confusion matrix: `{report_dir / CONFUSION}`",
+        f"- TensorBoard logs: `{report_dir / TENSORBOARD}/` (`make tensorboard`)",
+    ]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ The child inherits the terminal, so its output reads as before. It dies with
 the sweep process (kill -9 leaves no orphan); SIGTERM/SIGINT are passed on so
 the job checkpoints and stops as a single run does.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,6 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Optional
 
 from pipeline.distribute.local_workers import die_with_parent
 
@@ -33,7 +33,7 @@ class JobPreempted(RuntimeError):
     """The job checkpointed and stopped on SIGTERM."""
 
 
-def run_in_child(config, resume: Optional[bool], run_dir: Path) -> dict:
+def run_in_child(config, resume: bool | None, run_dir: Path) -> dict:
     """train.run(config, resume, run_dir) in a fresh `python -m pipeline.sweep.job_process`; its outcome,
     or its error re-raised here.
 
@@ -43,17 +43,23 @@ def run_in_child(config, resume: Optional[bool], run_dir: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="pipeline-job-") as scratch:
         request, answer = Path(scratch) / "job.pickle", Path(scratch) / "result.pickle"
         request.write_bytes(pickle.dumps((config, resume, str(run_dir))))
-        child = subprocess.Popen([sys.executable, "-m", "pipeline.sweep.job_process", str(request), str(answer)],
-                                 preexec_fn=die_with_parent)
-        previous = {sig: signal.signal(sig, lambda signum, _f: child.poll() is None and child.send_signal(signum))
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        child = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.sweep.job_process", str(request), str(answer)], preexec_fn=die_with_parent
+        )
+        previous = {
+            sig: signal.signal(sig, lambda signum, _f: child.poll() is None and child.send_signal(signum))
+            for sig in (signal.SIGTERM, signal.SIGINT)
+        }
         try:
             child.wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        kind, payload = (pickle.loads(answer.read_bytes()) if answer.is_file()
-                         else ("crash", f"it ended with code {child.returncode} and no result (killed?)"))
+        kind, payload = (
+            pickle.loads(answer.read_bytes())
+            if answer.is_file()
+            else ("crash", f"it ended with code {child.returncode} and no result (killed?)")
+        )
     if kind == "ok":
         return payload
     if kind == "user_error":
@@ -65,13 +71,13 @@ def run_in_child(config, resume: Optional[bool], run_dir: Path) -> dict:
 
 def train_in_child(request: Path, answer: Path) -> None:
     """The child's side: run the job, leave (kind, payload) in `answer`."""
-    from pipeline.sweep.memory import peak_memory_mb
     from pipeline.quiet import import_tensorflow_quietly
+    from pipeline.sweep.memory import peak_memory_mb
 
     config, resume, run_dir = pickle.loads(request.read_bytes())
     import_tensorflow_quietly()
-    from pipeline.training.batch_saver import Preempted
     from pipeline.train import USER_ERRORS, run
+    from pipeline.training.batch_saver import Preempted
 
     try:
         result = ("ok", {**run(config, resume, Path(run_dir)), "peak_mb": peak_memory_mb()})

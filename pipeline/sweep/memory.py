@@ -4,10 +4,10 @@ Linux keeps a process's peak resident size (VmHWM) and lets the process reset
 it (writing 5 to /proc/self/clear_refs), so each job's own peak can be read
 exactly, without a sampling thread. Elsewhere both functions return None.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 
 def reset_peak_memory() -> bool:
@@ -18,7 +18,7 @@ def reset_peak_memory() -> bool:
         return False
 
 
-def peak_memory_mb() -> Optional[float]:
+def peak_memory_mb() -> float | None:
     """The peak resident memory since the last reset, in MiB."""
     try:
         status = Path("/proc/self/status").read_text()

@@ -5,6 +5,7 @@ sweep the summary is built from those files, so it works with any launcher
 (jobs in this process, in joblib workers, or on a cluster) and a rerun of an
 interrupted sweep summarises finished and resumed jobs alike.
 """
+
 from __future__ import annotations
 
 import csv

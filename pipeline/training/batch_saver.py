@@ -4,10 +4,11 @@ Cluster managers and laptops alike send SIGTERM before they kill. The handler
 only raises a flag; the next batch boundary saves a mid-epoch checkpoint and
 stops the run, so the same command later continues at exactly that batch.
 """
+
 from __future__ import annotations
 
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 
@@ -23,7 +24,7 @@ class StopFlag:
         self.raised = False
         self.previous = None
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -44,8 +45,9 @@ class BatchSaver(keras.callbacks.Callback):
     the epoch's last batch is checkpointed at the epoch's end instead.
     """
 
-    def __init__(self, save: Callable[[int, dict], str], every: int, start_batch: int,
-                 batches_per_epoch: int, flag: StopFlag):
+    def __init__(
+        self, save: Callable[[int, dict], str], every: int, start_batch: int, batches_per_epoch: int, flag: StopFlag
+    ):
         super().__init__()
         self.save, self.every, self.start_batch = save, every, start_batch
         self.batches_per_epoch, self.flag = batches_per_epoch, flag
@@ -56,5 +58,7 @@ class BatchSaver(keras.callbacks.Callback):
         if due or self.flag.raised:
             stem = self.save(done, dict(logs or {}))
             if self.flag.raised:
-                raise Preempted(f"stopped on SIGTERM after checkpoint {stem} "
-                                f"({done} batches into the epoch); run the same command to continue")
+                raise Preempted(
+                    f"stopped on SIGTERM after checkpoint {stem} "
+                    f"({done} batches into the epoch); run the same command to continue"
+                )

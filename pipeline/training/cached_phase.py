@@ -8,6 +8,7 @@ checkpoints and the final save see every update. Its optimizer is the full
 model's, built on the full model's variable order, so checkpoints store and
 restore its state exactly as they do without the cache.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import numpy as np
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.dataset import DataSet, train_batches, validation_batches
+from pipeline.model import base_of, resolve_unfreeze_after
 from pipeline.training.feature_cache import (
     Features,
     compute_features,
@@ -27,7 +29,6 @@ from pipeline.training.feature_cache import (
     load_or_compute,
     make_key,
 )
-from pipeline.model import base_of, resolve_unfreeze_after
 
 HEAD_CUT = "pool"  # the head phase caches the pooled base output: pooling has no weights
 
@@ -35,6 +36,7 @@ HEAD_CUT = "pool"  # the head phase caches the pooled base output: pooling has n
 @dataclass
 class Feed:
     """The model a phase's fit() calls, its training batches per (epoch, start batch), its validation."""
+
     phase: str
     model: keras.Model
     train: Callable[[int, int], keras.utils.PyDataset]
@@ -44,8 +46,15 @@ class Feed:
 class CachedBatches(keras.utils.PyDataset):
     """Cached features of one view, in the order data.Batches serves that epoch's images."""
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, n_classes: int, batch_size: int,
-                 order: np.ndarray, start_batch: int = 0):
+    def __init__(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        n_classes: int,
+        batch_size: int,
+        order: np.ndarray,
+        start_batch: int = 0,
+    ):
         super().__init__()
         self.features, self.labels, self.n_classes = features, labels, n_classes
         self.batch_size, self.order, self.start_batch = batch_size, order, start_batch
@@ -56,13 +65,14 @@ class CachedBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         batch = index + self.start_batch
-        picks = self.order[batch * self.batch_size:(batch + 1) * self.batch_size]
+        picks = self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
         y = np.eye(self.n_classes, dtype=np.float32)[self.labels[picks]]
         return np.asarray(self.features[picks]), y
 
 
-def make_feed(model: keras.Model, data: DataSet, cfg: Config, phase: str, first_epoch: int,
-              unfreeze_after: str | None) -> Feed:
+def make_feed(
+    model: keras.Model, data: DataSet, cfg: Config, phase: str, first_epoch: int, unfreeze_after: str | None
+) -> Feed:
     """The phase's feed: cached when its `cached_views` > 0, else the images themselves.
 
     `first_epoch` is the phase's first overall epoch: cached view v stands for
@@ -72,8 +82,12 @@ def make_feed(model: keras.Model, data: DataSet, cfg: Config, phase: str, first_
     """
     views = getattr(cfg.train, phase).cached_views
     if views == 0:
-        return Feed(phase, model, lambda epoch, start: train_batches(data, cfg.data, cfg.train.seed, epoch, start),
-                    validation_batches(data, cfg.data))
+        return Feed(
+            phase,
+            model,
+            lambda epoch, start: train_batches(data, cfg.data, cfg.train.seed, epoch, start),
+            validation_batches(data, cfg.data),
+        )
     reuse = cfg.train.finetune.reuse_head_views
     # The head phase comes first, so with reuse its epochs 0..K-1 name the views.
     view_start = 0 if reuse else first_epoch
@@ -85,23 +99,36 @@ def make_feed(model: keras.Model, data: DataSet, cfg: Config, phase: str, first_
     else:
         features = cached_features(lower, data, cfg, cut, view_epochs)
     share_compilation(upper, model)
-    return Feed(phase, upper, lambda epoch, start: cached_train(features, data, cfg, epoch, first_epoch, start),
-                CachedBatches(features.validation, data.validation.labels, len(data.class_names),
-                              cfg.data.batch_size, np.arange(len(data.validation.filepaths))))
+    return Feed(
+        phase,
+        upper,
+        lambda epoch, start: cached_train(features, data, cfg, epoch, first_epoch, start),
+        CachedBatches(
+            features.validation,
+            data.validation.labels,
+            len(data.class_names),
+            cfg.data.batch_size,
+            np.arange(len(data.validation.filepaths)),
+        ),
+    )
 
 
 def cached_features(lower: keras.Model, data: DataSet, cfg: Config, cut: str, view_epochs: list[int]) -> Features:
     """`lower`'s output for every view and validation image, from the cache or computed into it."""
     key = make_key(data, cfg.data, cfg.train.seed, cut, view_epochs, digest_weights(lower))
-    features = load_or_compute(Path(cfg.train.cache_dir), key, lambda scratch: announce_and_compute(
-        lower, data, cfg, view_epochs, scratch, cut))
+    features = load_or_compute(
+        Path(cfg.train.cache_dir),
+        key,
+        lambda scratch: announce_and_compute(lower, data, cfg, view_epochs, scratch, cut),
+    )
     if features.reused:
         print(f"feature cache: reusing {features.folder} ({len(view_epochs)} views at {cut})", flush=True)
     return features
 
 
-def pooled_from_cut(model: keras.Model, pooled: keras.Model, data: DataSet, cfg: Config, view_epochs: list[int],
-                    cut: str) -> Features:
+def pooled_from_cut(
+    model: keras.Model, pooled: keras.Model, data: DataSet, cfg: Config, view_epochs: list[int], cut: str
+) -> Features:
     """The head phase's pooled features (`pooled`: pixels to the pooling), derived from the cut's cached features.
 
     The layers between the cut and the pooling are frozen in the head phase, so
@@ -123,21 +150,27 @@ def pooled_from_cut(model: keras.Model, pooled: keras.Model, data: DataSet, cfg:
     return load_or_compute(Path(cfg.train.cache_dir), key, derive)
 
 
-def announce_and_compute(lower: keras.Model, data: DataSet, cfg: Config, view_epochs: list[int],
-                         scratch: Path, cut: str) -> None:
-    print(f"feature cache: computing {len(view_epochs)} view(s) of {len(data.train.filepaths)} training and "
-          f"{len(data.validation.filepaths)} validation images at {cut} into {cfg.train.cache_dir}/", flush=True)
+def announce_and_compute(
+    lower: keras.Model, data: DataSet, cfg: Config, view_epochs: list[int], scratch: Path, cut: str
+) -> None:
+    print(
+        f"feature cache: computing {len(view_epochs)} view(s) of {len(data.train.filepaths)} training and "
+        f"{len(data.validation.filepaths)} validation images at {cut} into {cfg.train.cache_dir}/",
+        flush=True,
+    )
     compute_features(lower, data, cfg.data, cfg.train.seed, view_epochs, scratch)
 
 
-def cached_train(features: Features, data: DataSet, cfg: Config, epoch: int, first_epoch: int,
-                 start_batch: int) -> CachedBatches:
+def cached_train(
+    features: Features, data: DataSet, cfg: Config, epoch: int, first_epoch: int, start_batch: int
+) -> CachedBatches:
     """Epoch `epoch` trains on view (epoch - first_epoch) mod K, in the order the uncached run uses."""
     view = (epoch - first_epoch) % features.train.shape[0]
     # The same permutation data.Batches would serve in this epoch (one source of truth for the order).
     order = train_batches(data, cfg.data, cfg.train.seed, epoch).order
-    return CachedBatches(features.train[view], data.train.labels, len(data.class_names), cfg.data.batch_size,
-                         order, start_batch)
+    return CachedBatches(
+        features.train[view], data.train.labels, len(data.class_names), cfg.data.batch_size, order, start_batch
+    )
 
 
 def check_cached_cut(model: keras.Model, cfg: Config) -> None:
@@ -175,9 +208,11 @@ def pooled_above(model: keras.Model, cut: str):
     try:
         above = keras.Model(base.get_layer(cut).output, base.output, name="above_" + cut)
     except ValueError as err:  # Keras: "Graph disconnected", layers above also read earlier tensors
-        raise ConfigError(f"train.finetune.unfreeze_after={cut!r}: the layers above it also read "
-                          f"tensors from below it, so its output alone cannot be cached ({err}); "
-                          "use a block end such as mixed7 or mixed8") from None
+        raise ConfigError(
+            f"train.finetune.unfreeze_after={cut!r}: the layers above it also read "
+            f"tensors from below it, so its output alone cannot be cached ({err}); "
+            "use a block end such as mixed7 or mixed8"
+        ) from None
     inputs = keras.Input(base.get_layer(cut).output.shape[1:], name="cached_features")
     return inputs, model.get_layer(HEAD_CUT)(above(inputs))
 
@@ -194,6 +229,7 @@ def share_compilation(upper: keras.Model, full: keras.Model) -> None:
         optimizer.build(full.trainable_variables)
     # Every trainable variable must sit above the cut: one below it would never train.
     if {id(v) for v in upper.trainable_variables} != {id(v) for v in full.trainable_variables}:
-        raise ConfigError("the layers above the cached cut are not exactly the layers that train; "
-                          "set the phase's cached_views=0")
+        raise ConfigError(
+            "the layers above the cached cut are not exactly the layers that train; set the phase's cached_views=0"
+        )
     upper.compile(optimizer=optimizer, loss=full.loss, metrics=["accuracy"], jit_compile=False)

@@ -12,6 +12,7 @@ place in one step; a kill at any moment leaves either the whole entry or only
 a scratch folder, which a later run removes. The stored key and the sha256 of
 every array are checked again on load.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,13 +42,21 @@ FEATURE_BATCH = 64
 KEY_FILE = "key.json"
 ARRAYS = ("train", "validation")
 INCOMING = ".incoming-"
-AUGMENTATION_KEYS = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range",
-                     "zoom_range", "horizontal_flip", "fill_mode")
+AUGMENTATION_KEYS = (
+    "rotation_range",
+    "width_shift_range",
+    "height_shift_range",
+    "shear_range",
+    "zoom_range",
+    "horizontal_flip",
+    "fill_mode",
+)
 
 
 @dataclass
 class Features:
     """Cached features: train[view, image, ...] and validation[image, ...], labels as in the data set."""
+
     train: np.ndarray
     validation: np.ndarray
     folder: Path
@@ -73,8 +82,7 @@ def digest_weights(model: keras.Model) -> str:
     return h.hexdigest()
 
 
-def make_key(data: DataSet, cfg: DataConfig, seed: int, cut: str, view_epochs: list[int],
-             weights_digest: str) -> dict:
+def make_key(data: DataSet, cfg: DataConfig, seed: int, cut: str, view_epochs: list[int], weights_digest: str) -> dict:
     """Everything the cached features depend on. Equal keys mean equal features."""
     return {
         "version": FORMAT_VERSION,
@@ -177,7 +185,7 @@ def open_entry(folder: Path, key: dict) -> Features | None:
 def remove_dead_scratch(cache_dir: Path) -> None:
     """Scratch folders of runs that died while caching; a live run's own is left alone."""
     for scratch in cache_dir.glob(INCOMING + "*"):
-        pid = scratch.name[len(INCOMING):].split("-", 1)[0]
+        pid = scratch.name[len(INCOMING) :].split("-", 1)[0]
         if not (pid.isdigit() and process_alive(int(pid))):
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -207,8 +215,9 @@ def remove_stale_entries(cache_dir: Path, keep: Path, key: dict) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def compute_features(extractor: keras.Model, data: DataSet, cfg: DataConfig, seed: int,
-                     view_epochs: list[int], scratch: Path) -> None:
+def compute_features(
+    extractor: keras.Model, data: DataSet, cfg: DataConfig, seed: int, view_epochs: list[int], scratch: Path
+) -> None:
     """Run `extractor` (the frozen layers, inference mode) over every view and the validation images.
 
     View v of image j gets exactly the augmentation data.Batches draws for
@@ -217,15 +226,21 @@ def compute_features(extractor: keras.Model, data: DataSet, cfg: DataConfig, see
     """
     n_classes, n = len(data.class_names), len(data.train.filepaths)
     cfg = replace(cfg, batch_size=FEATURE_BATCH)
-    write_entry(scratch, (len(view_epochs), n) + tuple(extractor.output.shape[1:]),
-                lambda v: predict_float32(extractor, Batches(data.train, n_classes, cfg, seed, view_epochs[v],
-                                                             data.augmenter, shuffle=False)),
-                lambda: predict_float32(extractor, Batches(data.validation, n_classes, cfg, seed=0, epoch=0,
-                                                           augmenter=None, shuffle=False)))
+    write_entry(
+        scratch,
+        (len(view_epochs), n) + tuple(extractor.output.shape[1:]),
+        lambda v: predict_float32(
+            extractor, Batches(data.train, n_classes, cfg, seed, view_epochs[v], data.augmenter, shuffle=False)
+        ),
+        lambda: predict_float32(
+            extractor, Batches(data.validation, n_classes, cfg, seed=0, epoch=0, augmenter=None, shuffle=False)
+        ),
+    )
 
 
-def write_entry(scratch: Path, shape: tuple, view: Callable[[int], np.ndarray],
-                validation: Callable[[], np.ndarray]) -> None:
+def write_entry(
+    scratch: Path, shape: tuple, view: Callable[[int], np.ndarray], validation: Callable[[], np.ndarray]
+) -> None:
     """train.npy (shape: views, images, features...) filled view by view, memory-mapped, then validation.npy."""
     train = np.lib.format.open_memmap(scratch / "train.npy", mode="w+", dtype=np.float32, shape=shape)
     for v in range(shape[0]):
@@ -244,19 +259,23 @@ def predict_float32(extractor: keras.Model, batches: Batches) -> np.ndarray:
 
 def derive_features(layers: keras.Model, source: Features, scratch: Path) -> None:
     """Run `layers` (frozen, inference mode) over cached features: an entry for a higher cut from a lower one."""
-    write_entry(scratch, source.train.shape[:2] + tuple(layers.output.shape[1:]),
-                lambda v: predict_arrays(layers, source.train[v]), lambda: predict_arrays(layers, source.validation))
+    write_entry(
+        scratch,
+        source.train.shape[:2] + tuple(layers.output.shape[1:]),
+        lambda v: predict_arrays(layers, source.train[v]),
+        lambda: predict_arrays(layers, source.validation),
+    )
 
 
 def predict_arrays(layers: keras.Model, features: np.ndarray) -> np.ndarray:
     """`layers` over `features` in chunks of FEATURE_BATCH (predict_on_batch: no tf.data pipeline to start)."""
     out = []
     for start in range(0, len(features), FEATURE_BATCH):
-        chunk = np.asarray(features[start:start + FEATURE_BATCH])
+        chunk = np.asarray(features[start : start + FEATURE_BATCH])
         short = FEATURE_BATCH - len(chunk)
         # Padded to one shape so the function traces once, not again for the last chunk;
         # in inference mode each row's result does not depend on the others.
         if short:
             chunk = np.concatenate([chunk, np.zeros((short,) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(layers.predict_on_batch(chunk), dtype=np.float32)[:FEATURE_BATCH - short])
+        out.append(np.asarray(layers.predict_on_batch(chunk), dtype=np.float32)[: FEATURE_BATCH - short])
     return np.concatenate(out)

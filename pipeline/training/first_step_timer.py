@@ -1,4 +1,5 @@
 """How long a run takes from the command to its first training step (imports, checks, build, trace)."""
+
 from __future__ import annotations
 
 import os

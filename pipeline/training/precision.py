@@ -6,6 +6,7 @@ policies, so checkpoints, resume and the final .h5 hold float32 weights
 whatever the precision; `mixed_float16` also wraps the optimizer in Keras's
 loss scaling (its state is saved with the optimizer's).
 """
+
 from __future__ import annotations
 
 import keras
