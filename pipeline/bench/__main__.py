@@ -8,7 +8,7 @@ busy machine shows in both sides (the load average is printed beside each).
     python -m pipeline.bench [--quick] [--only runs,startup,input,model,checkpoint,check]
 
 The full bench (10 head + 5 fine-tune epochs at 150 px, both sides, plus the
-rates at 150 and 299 px) takes about an hour on 2 cores; `--quick` a few minutes.
+rates at 150 and 299 px) is long; `--quick` is a much shorter version (timings: docs/speed.md).
 """
 
 from __future__ import annotations

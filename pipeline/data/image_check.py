@@ -140,10 +140,9 @@ def decode_all(paths: list[str], max_pixels: int, workers: int | None, executor:
 
 
 def make_executor(kind: str, workers: int) -> Executor:
-    # Threads: Pillow releases the GIL while it decodes, so two threads kept 1.9 cores
-    # busy on this 2-core machine (500x375 JPEGs: 1,000/s with one thread, 2,070/s with
-    # two, 1,730/s with two processes), with nothing to pickle and no fork of a process
-    # that holds TensorFlow's threads.
+    # Threads: Pillow releases the GIL while it decodes, so threads keep every core busy
+    # (faster than processes in `make bench --only check`; docs/speed.md), with nothing to
+    # pickle and no fork of a process that holds TensorFlow's threads.
     if kind == "thread":
         return ThreadPoolExecutor(workers)
     # fork: a spawned worker would import TensorFlow again (via data.py) before its first file.
