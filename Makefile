@@ -37,7 +37,7 @@ train: $(STAMP) ## train (writes sample data into data/ if it has no images); AR
 	$(PY) -m pipeline $(ARGS)
 
 # Two test processes: half of an end-to-end test is single-threaded start-up and
-# tracing, so one process leaves a core idle (measured: 20 min alone, 12 with 2).
+# tracing, so one process leaves a core idle (timings: docs/speed.md).
 # Whole files go to one process so module fixtures (one training run each) run once.
 JOBS ?= 2
 

@@ -5,16 +5,23 @@ a number belongs) is refused while composing. `validate` then checks ranges,
 choices and paths, and names the key, the bad value and what is allowed.
 Nothing below the entry point sees Hydra: `to_config` turns the composed
 DictConfig into these plain objects.
+
+The schema holds types only, no values: every value is written once, in
+conf/*.yaml, beside its meaning and unit. A field has MISSING (Hydra's "???")
+as its default, so a key absent from conf/ is refused by `to_config` rather
+than quietly taking a second, older value from here. Code that runs without
+`python -m pipeline` (the bench, the tests) gets its Config from
+pipeline.defaults.compose_config, never from these constructors.
 """
 
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, Container, DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -23,85 +30,101 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dir: str = "data"
-    image_size: int = 150
-    batch_size: int = 16
-    validation_split: float = 0.2
-    make_sample_if_empty: bool = True
-    workers: int = 2
-    interpolation: str = "bilinear"
-    rotation_range: float = 20.0
-    width_shift_range: float = 0.1
-    height_shift_range: float = 0.1
-    shear_range: float = 10.0
-    zoom_range: float = 0.2
-    horizontal_flip: bool = True
-    fill_mode: str = "nearest"
-    on_bad_image: str = "fail"
-    max_pixels: int = 89_478_485
+    """Values: conf/data/default.yaml."""
+
+    dir: str = MISSING
+    image_size: int = MISSING
+    batch_size: int = MISSING
+    validation_split: float = MISSING
+    make_sample_if_empty: bool = MISSING
+    workers: int = MISSING
+    interpolation: str = MISSING
+    rotation_range: float = MISSING
+    width_shift_range: float = MISSING
+    height_shift_range: float = MISSING
+    shear_range: float = MISSING
+    zoom_range: float = MISSING
+    horizontal_flip: bool = MISSING
+    fill_mode: str = MISSING
+    on_bad_image: str = MISSING
+    max_pixels: int = MISSING
 
 
 @dataclass
 class ModelConfig:
-    weights: str | None = "imagenet"
-    dropout: float = 0.2
-    random_init_bn_momentum: float = 0.9
-    save_path: str = "model/my_saved_InceptionV3_model.h5"
+    """Values: conf/model/inception_v3.yaml."""
+
+    weights: str | None = MISSING
+    dropout: float = MISSING
+    random_init_bn_momentum: float = MISSING
+    save_path: str = MISSING
 
 
 @dataclass
 class PhaseConfig:
-    epochs: int = 1
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    schedule: str = "cosine"
-    cached_views: int = 0
+    """Values: conf/train/default.yaml (head:, and finetune: through FinetuneConfig)."""
+
+    epochs: int = MISSING
+    lr: float = MISSING
+    optimizer: str = MISSING
+    schedule: str = MISSING
+    cached_views: int = MISSING
 
 
 @dataclass
 class FinetuneConfig(PhaseConfig):
-    unfreeze_after: str = "auto"
-    reuse_head_views: bool = False
+    """Values: conf/train/default.yaml (finetune:)."""
+
+    unfreeze_after: str = MISSING
+    reuse_head_views: bool = MISSING
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 42
-    deterministic: bool = True
-    threads: int = 0
-    precision: str = "float32"
-    cache_dir: str = "cache"
-    head: PhaseConfig = field(default_factory=PhaseConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Values: conf/train/default.yaml."""
+
+    seed: int = MISSING
+    deterministic: bool = MISSING
+    threads: int = MISSING
+    precision: str = MISSING
+    cache_dir: str = MISSING
+    head: PhaseConfig = MISSING
+    finetune: FinetuneConfig = MISSING
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "ckpt"
-    filename: str = "transfer_{epoch:02d}-{val_accuracy:.2f}"
-    format: str = "h5"
-    monitor: str = "val_accuracy"
-    mode: str = "auto"
-    save_best_only: bool = False
-    every: int = 1
-    every_batches: int = 0
-    keep_last: int = 3
-    asynchronous: bool = True
+    """Values: conf/checkpoint/default.yaml."""
+
+    dir: str = MISSING
+    filename: str = MISSING
+    format: str = MISSING
+    monitor: str = MISSING
+    mode: str = MISSING
+    save_best_only: bool = MISSING
+    every: int = MISSING
+    every_batches: int = MISSING
+    keep_last: int = MISSING
+    asynchronous: bool = MISSING
 
 
 @dataclass
 class DistributeConfig:
-    strategy: str = "none"
-    local_workers: int = 0
+    """Values: conf/distribute/*.yaml (none is the default)."""
+
+    strategy: str = MISSING
+    local_workers: int = MISSING
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    distribute: DistributeConfig = field(default_factory=DistributeConfig)
+    """Values: conf/config.yaml (which group file fills each part)."""
+
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    train: TrainConfig = MISSING
+    checkpoint: CheckpointConfig = MISSING
+    distribute: DistributeConfig = MISSING
 
 
 def run_name(override_dirname: str) -> str:
@@ -143,10 +166,22 @@ def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
     Returns the config and one-line notes on seed spellings that were translated.
     """
     plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k in Config.__dataclass_fields__}
-    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))
+    merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
+    refuse_missing(merged)
+    config = OmegaConf.to_object(merged)
     notes = translate_seed_spellings(config.checkpoint) + imply_multi_worker(config.distribute)
     validate(config)
     return config, notes
+
+
+def refuse_missing(cfg: Container) -> None:
+    """A key conf/ leaves without a value (the schema has none to fall back on)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)}: no value; conf/*.yaml gives every key one, so restore it there "
+            "or set it on the command line (key=value)"
+        )
 
 
 def translate_seed_spellings(ckpt: CheckpointConfig) -> list[str]:

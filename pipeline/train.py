@@ -103,8 +103,8 @@ def configure_tensorflow(cfg: Config) -> None:
         set_threads(tf.config.threading.set_intra_op_parallelism_threads, cfg.train.threads)
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-        # Measured: op determinism alone still let two processes differ by 0.02
-        # in the weights; one inter-op thread made them agree bit for bit.
+        # Op determinism alone still let two processes end with different weights; one
+        # inter-op thread made them agree bit for bit (docs/checkpoints-and-resume.md: Determinism).
         set_threads(tf.config.threading.set_inter_op_parallelism_threads, 1)
 
 

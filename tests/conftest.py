@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -9,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import Config
 from pipeline.data.sample_data import write_sample_data
+from pipeline.defaults import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 # The smoke experiment (75 px, batch 4, weights=null, one epoch per phase) keeps
@@ -23,6 +28,22 @@ def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_data")
     write_sample_data(root, seed=1, train_per_class=4, validation_per_class=2, image_size=80)
     return root
+
+
+@functools.cache
+def composed_defaults() -> Config:
+    """conf/'s values, composed once per test process as `python -m pipeline` composes them."""
+    # data.dir: any existing folder passes validation; the tracked data/ is one in every clone.
+    return compose_config([f"data.dir={REPO / 'data'}"])
+
+
+def from_conf(section: str, **changes):
+    """One section of conf/'s values (e.g. "model" -> a ModelConfig) with `changes`, a fresh copy.
+
+    The unit tests' stand-in for `python -m pipeline section.key=value`: the values a run
+    starts from, without composing again for every test (Hydra's composition is slow enough to add up).
+    """
+    return dataclasses.replace(copy.deepcopy(getattr(composed_defaults(), section)), **changes)
 
 
 def cli_env(**extra) -> dict:

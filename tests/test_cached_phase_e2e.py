@@ -15,10 +15,9 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, cli_env, run_args, run_cli
+from conftest import REPO, cli_env, from_conf, run_args, run_cli
 from keras import layers
 
-from pipeline.config import DataConfig, ModelConfig
 from pipeline.data.dataset import load_image, read_dataset, validation_batches
 from pipeline.model import build_model
 from pipeline.training.cached_phase import split_at
@@ -35,7 +34,9 @@ def calibrated_weights(tmp_path_factory, tiny_data):
     """A random InceptionV3 base whose BatchNorm moving statistics are those of the tiny images."""
     keras.utils.set_random_seed(0)
     base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(75, 75, 3))
-    images = np.stack([load_image(str(p), 75) for p in sorted(tiny_data.rglob("*.jpg"))]) / 127.5 - 1
+    decoding = from_conf("data")
+    paths = sorted(tiny_data.rglob("*.jpg"))
+    images = np.stack([load_image(str(p), 75, decoding.interpolation, decoding.max_pixels) for p in paths]) / 127.5 - 1
     for layer in base.layers:
         if isinstance(layer, layers.BatchNormalization):
             layer.momentum = 0.0  # the moving statistics become this batch's
@@ -142,9 +143,9 @@ def test_reused_views_cost_one_pass_for_both_phases_and_resume(tmp_path, tiny_da
     assert sorted(entries) == ["mixed8", "pool_from_mixed8"]
 
     # The pooled features derived from mixed8 are what the base's pooling puts out for the same images.
-    cfg = DataConfig(dir=str(tiny_data), image_size=75, batch_size=4, workers=0)
+    cfg = from_conf("data", dir=str(tiny_data), image_size=75, batch_size=4, workers=0)
     data = read_dataset(cfg)
-    model = build_model(ModelConfig(weights=str(calibrated_weights)), len(data.class_names), 75)
+    model = build_model(from_conf("model", weights=str(calibrated_weights)), len(data.class_names), 75)
     direct = split_at(model, "pool")[0].predict(validation_batches(data, cfg), verbose=0)
     derived = np.load(entries["pool_from_mixed8"] / "validation.npy")
     assert derived.shape == direct.shape == (6, 2048)

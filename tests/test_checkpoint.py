@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import from_conf
 
 from pipeline.checkpoints.store import (
     MANIFEST,
@@ -23,7 +24,6 @@ from pipeline.checkpoints.store import (
     save_checkpoint,
     verify,
 )
-from pipeline.config import CheckpointConfig, ModelConfig
 from pipeline.model import build_model, compile_model, set_trainable
 
 X = np.random.default_rng(0).uniform(0, 255, (8, 75, 75, 3)).astype("float32")
@@ -33,7 +33,7 @@ FINGERPRINT = {"classes": ["a", "b", "c"], "image_size": 75}
 
 def trained_model(seed=0):
     keras.utils.set_random_seed(seed)
-    model = build_model(ModelConfig(weights=None), 3, 75)
+    model = build_model(from_conf("model", weights=None), 3, 75)
     set_trainable(model, "head", None, pretrained=False)
     compile_model(model, "adam", 1e-2)
     model.fit(X, Y, batch_size=4, epochs=1, verbose=0)
@@ -41,7 +41,7 @@ def trained_model(seed=0):
 
 
 def fresh_model():
-    model = build_model(ModelConfig(weights=None), 3, 75)
+    model = build_model(from_conf("model", weights=None), 3, 75)
     set_trainable(model, "head", None, pretrained=False)
     compile_model(model, "adam", 1e-2)
     return model
@@ -53,7 +53,7 @@ def source():
 
 
 def save(model, tmp_path, fmt="keras", epoch=1, logs=None, twin=None, **cfg):
-    cfg = CheckpointConfig(dir=str(tmp_path), format=fmt, **cfg)
+    cfg = from_conf("checkpoint", dir=str(tmp_path), format=fmt, **cfg)
     logs = logs or {"loss": 1.0, "accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.25 + epoch / 100}
     state = TrainState(phase="head", phase_epoch=epoch, epoch=epoch)
     stem = checkpoint_stem(cfg, state, logs)
@@ -68,7 +68,7 @@ def assert_same_weights(a, b):
 
 @pytest.mark.parametrize("fmt", ["keras", "h5", "weights_h5", "tf_checkpoint"])
 def test_every_format_round_trips_weights_optimizer_and_dropout_state(tmp_path, source, fmt):
-    twin = build_model(ModelConfig(weights=None), 3, 75) if fmt == "tf_checkpoint" else None
+    twin = build_model(from_conf("model", weights=None), 3, 75) if fmt == "tf_checkpoint" else None
     ckpt = save(source, tmp_path, fmt, twin=twin)
     assert ckpt.stem == "transfer_01-0.26"
     assert (tmp_path / (ckpt.stem + SUFFIXES[fmt] + ("" if fmt != "tf_checkpoint" else ".index"))).exists()
@@ -94,20 +94,20 @@ def test_full_model_checkpoints_load_with_load_model(tmp_path, source, fmt):
 
 def test_weights_h5_loads_with_load_weights(tmp_path, source):
     ckpt = save(source, tmp_path, "weights_h5")
-    model = build_model(ModelConfig(weights=None), 3, 75)
+    model = build_model(from_conf("model", weights=None), 3, 75)
     model.load_weights(tmp_path / (ckpt.stem + ".weights.h5"))
     assert_same_weights(source, model)
 
 
 def test_tf_checkpoint_loads_with_latest_checkpoint_into_a_compiled_model(tmp_path, source):
-    twin = build_model(ModelConfig(weights=None), 3, 75)
+    twin = build_model(from_conf("model", weights=None), 3, 75)
     save(source, tmp_path, "tf_checkpoint", epoch=1, twin=twin)
     save(source, tmp_path, "tf_checkpoint", epoch=2, twin=twin)
     latest = tf.train.latest_checkpoint(str(tmp_path))
     assert latest.endswith("transfer_02-0.27.ckpt")
     # the seed's reader: a model of the same architecture, here compiled and trained with
     # another set of trainable layers, so its optimizer differs from the writer's
-    reader = build_model(ModelConfig(weights=None), 3, 75)
+    reader = build_model(from_conf("model", weights=None), 3, 75)
     compile_model(reader, "sgd", 1e-3)
     reader.fit(X, Y, epochs=1, verbose=0)
     tf.train.Checkpoint(model=reader).restore(latest)

@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, from_conf
 from test_checkpoint import (
     FINGERPRINT,
     X,
@@ -32,7 +32,6 @@ from pipeline.checkpoints.store import (
     verify,
 )
 from pipeline.checkpoints.writer import CheckpointWriter
-from pipeline.config import CheckpointConfig
 
 
 def submit(writer, model, epoch):
@@ -46,7 +45,7 @@ def submit(writer, model, epoch):
 @pytest.mark.parametrize("fmt", ["keras", "h5", "weights_h5", "tf_checkpoint"])
 def test_a_background_write_holds_the_model_as_it_was_at_submit(tmp_path, fmt):
     model = trained_model()
-    cfg = CheckpointConfig(dir=str(tmp_path), format=fmt, asynchronous=True)
+    cfg = from_conf("checkpoint", dir=str(tmp_path), format=fmt, asynchronous=True)
     writer = CheckpointWriter(cfg, FINGERPRINT, model)
     submit(writer, model, 1)
     at_submit = fresh_model()
@@ -66,7 +65,7 @@ def test_a_background_write_holds_the_model_as_it_was_at_submit(tmp_path, fmt):
 
 def test_synchronous_writes_still_work(tmp_path):
     model = trained_model()
-    writer = CheckpointWriter(CheckpointConfig(dir=str(tmp_path), asynchronous=False), FINGERPRINT, model)
+    writer = CheckpointWriter(from_conf("checkpoint", dir=str(tmp_path), asynchronous=False), FINGERPRINT, model)
     stem = submit(writer, model, 1)
     assert writer.thread is None and writer.snapshot is None
     restored = fresh_model()
@@ -79,7 +78,9 @@ def test_a_full_disk_in_the_background_surfaces_as_the_same_error(tmp_path, monk
     monkeypatch.setattr(checkpoint, "_reached", {})
     monkeypatch.setenv("PIPELINE_ENOSPC_AT", "after_write#2")
     model = trained_model()
-    writer = CheckpointWriter(CheckpointConfig(dir=str(tmp_path), format="h5", asynchronous=True), FINGERPRINT, model)
+    writer = CheckpointWriter(
+        from_conf("checkpoint", dir=str(tmp_path), format="h5", asynchronous=True), FINGERPRINT, model
+    )
     first = submit(writer, model, 1)
     submit(writer, model, 2)
     with pytest.raises(CheckpointError, match=f"No space left on device: .*{tmp_path}"):
@@ -92,13 +93,13 @@ def test_a_full_disk_in_the_background_surfaces_as_the_same_error(tmp_path, monk
 
 KILLED_MID_WRITE = textwrap.dedent("""
     import sys
+    from conftest import from_conf
     from test_checkpoint import FINGERPRINT, X, Y, trained_model
     from pipeline.checkpoints.store import TrainState
     from pipeline.checkpoints.writer import CheckpointWriter
-    from pipeline.config import CheckpointConfig
 
     model = trained_model()
-    writer = CheckpointWriter(CheckpointConfig(dir=sys.argv[1], format="keras", asynchronous=True), FINGERPRINT,
+    writer = CheckpointWriter(from_conf("checkpoint", dir=sys.argv[1], format="keras", asynchronous=True), FINGERPRINT,
                               model)
     for epoch in (1, 2):
         writer.submit(model, f"epoch{epoch}", TrainState(phase_epoch=epoch, epoch=epoch), {})

@@ -15,7 +15,7 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import REPO, cli_env, run_args, run_cli
+from conftest import REPO, cli_env, from_conf, run_args, run_cli
 from test_report import assert_real_png, event_steps
 
 pytestmark = pytest.mark.e2e
@@ -182,7 +182,8 @@ def test_export_writes_a_saved_model_and_tflite_that_agree_with_keras(run, tiny_
     result = run_cli(str(tmp / "model" / "final.h5"), "--out", str(out), "--tflite", cwd=REPO, module="pipeline.export")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (out / "labels.txt").read_text().split() == CLASSES
-    x = load_image(images_in(tiny_data / "validation")[0], 75)[None]
+    data = from_conf("data")  # the run decoded with conf/'s settings
+    x = load_image(images_in(tiny_data / "validation")[0], 75, data.interpolation, data.max_pixels)[None]
     expected = keras.models.load_model(tmp / "model" / "final.h5", compile=False)(x, training=False).numpy()
     loaded = tf.saved_model.load(str(out))  # kept: serve() needs the loaded object's variables alive
     served = loaded.serve(tf.constant(x)).numpy()

@@ -6,13 +6,14 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import from_conf
 
 from pipeline.config import DataConfig
 from pipeline.data.dataset import DataError, ensure_sample_data, read_dataset, train_batches, validation_batches
 
 
 def config(root, **kw) -> DataConfig:
-    return DataConfig(dir=str(root), image_size=75, batch_size=4, workers=0, **kw)
+    return from_conf("data", dir=str(root), image_size=75, batch_size=4, workers=0, **kw)
 
 
 def test_reads_train_and_validation_in_class_order(tiny_data):

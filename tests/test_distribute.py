@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, SMOKE, cli_env, run_args, run_cli
+from conftest import REPO, SMOKE, cli_env, from_conf, run_args, run_cli
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from pipeline.config import ConfigError, DistributeConfig, imply_multi_worker, validate_distribute
+from pipeline.config import ConfigError, imply_multi_worker, validate_distribute
 from pipeline.data.dataset import read_dataset, train_batches
 from pipeline.distribute.local_workers import quote
 from pipeline.distribute.tf_config import check_tf_config, read_worker_role
@@ -53,22 +53,20 @@ def test_bad_tf_config_is_refused_with_the_remedy(monkeypatch, value, words):
     else:
         monkeypatch.setenv("TF_CONFIG", value)
     with pytest.raises(ConfigError, match=words):
-        check_tf_config(DistributeConfig(strategy="multi_worker"))
+        check_tf_config(from_conf("distribute", strategy="multi_worker"))
 
 
 def test_local_workers_alone_mean_multi_worker_and_refuse_mirrored():
-    dist = DistributeConfig(local_workers=2)
+    dist = from_conf("distribute", local_workers=2)
     assert imply_multi_worker(dist) and dist.strategy == "multi_worker"
     validate_distribute(dist)
     with pytest.raises(ConfigError, match="distribute.local_workers=2"):
-        validate_distribute(DistributeConfig(strategy="mirrored", local_workers=2))
+        validate_distribute(from_conf("distribute", strategy="mirrored", local_workers=2))
 
 
 @pytest.mark.parametrize("batch_size, parts", [(4, 2), (4, 3), (5, 2), (1, 2)])
 def test_a_global_batch_is_split_into_equal_weighted_parts(tiny_data, batch_size, parts):
-    from pipeline.config import DataConfig
-
-    cfg = DataConfig(dir=str(tiny_data), image_size=75, batch_size=batch_size, workers=0)
+    cfg = from_conf("data", dir=str(tiny_data), image_size=75, batch_size=batch_size, workers=0)
     data = read_dataset(cfg)
     batches = train_batches(data, cfg, seed=3, epoch=1)
     for batch in range(batches.batches_per_epoch):

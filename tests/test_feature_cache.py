@@ -7,8 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import from_conf
 
-from pipeline.config import DataConfig
 from pipeline.data.dataset import read_dataset, train_batches
 from pipeline.training.cached_phase import CachedBatches
 from pipeline.training.feature_cache import INCOMING, load_or_compute, make_key
@@ -22,7 +22,7 @@ def data_dir(tmp_path, tiny_data):
 
 
 def key_for(data_dir, **changes):
-    cfg = DataConfig(**{"dir": str(data_dir), "image_size": 75, "batch_size": 4, "workers": 0, **changes})
+    cfg = from_conf("data", **{"dir": str(data_dir), "image_size": 75, "batch_size": 4, "workers": 0, **changes})
     return make_key(read_dataset(cfg), cfg, seed=42, cut="pool", view_epochs=[0, 1], weights_digest="w")
 
 
@@ -84,7 +84,7 @@ def test_a_damaged_entry_is_computed_again(tmp_path, data_dir):
 
 
 def test_cached_batches_serve_the_uncached_epoch_order(data_dir):
-    cfg = DataConfig(dir=str(data_dir), image_size=75, batch_size=5, workers=0)
+    cfg = from_conf("data", dir=str(data_dir), image_size=75, batch_size=5, workers=0)
     data = read_dataset(cfg)
     uncached = train_batches(data, cfg, seed=42, epoch=3, start_batch=1)
     features = np.arange(12, dtype=np.float32)[:, None]  # feature = the image's index

@@ -16,7 +16,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_args, run_cli
+from conftest import from_conf, run_args, run_cli
 from PIL import Image, ImageFile
 
 from pipeline.config import DataConfig
@@ -31,13 +31,14 @@ from pipeline.data.image_check import (
     scan_images,
 )
 
-MAX_PIXELS = DataConfig.max_pixels
+DEFAULTS = from_conf("data")
+MAX_PIXELS = DEFAULTS.max_pixels
 BOMB_LIMIT = 90_000  # max_pixels in the tests: the bomb has more, every other image fewer
 EXIF_ORIENTATION = 0x0112
 
 
 def config(root, **kw) -> DataConfig:
-    return DataConfig(dir=str(root), image_size=75, batch_size=4, workers=0, **kw)
+    return from_conf("data", dir=str(root), image_size=75, batch_size=4, workers=0, **kw)
 
 
 def photo(width=64, height=48, mode="RGB") -> Image.Image:
@@ -287,32 +288,32 @@ def test_odd_but_valid_images_and_names_are_used(tmp_path, capsys):
     assert not any(os.path.basename(p) in IGNORED_NAMES for p in data.train.filepaths + data.validation.filepaths)
     assert not (tmp_path / "run" / REPORT_NAME).exists()
     for path in odd:
-        x = load_image(str(path), 75)
+        x = load_image(str(path), 75, DEFAULTS.interpolation, MAX_PIXELS)
         assert x.shape == (75, 75, 3) and x.dtype == np.float32, path.name
 
 
 def test_sixteen_bit_greyscale_is_scaled_not_clipped_to_white(tmp_path):
     sixteen_bit_gradient().save(tmp_path / "g.png")
     assert Image.open(tmp_path / "g.png").mode == "I;16"
-    x = load_image(str(tmp_path / "g.png"), 75)
+    x = load_image(str(tmp_path / "g.png"), 75, DEFAULTS.interpolation, MAX_PIXELS)
     assert x.min() < 10 and x.max() > 245 and (x < 255).mean() > 0.9
     assert np.all(np.diff(x[:, :, 0].mean(axis=0)) >= 0)  # still a left-to-right ramp
 
 
 def test_transparency_is_composited_onto_white(tmp_path):
     half_transparent().save(tmp_path / "a.png")
-    x = np.asarray(decode_image(str(tmp_path / "a.png")))
+    x = np.asarray(decode_image(str(tmp_path / "a.png"), MAX_PIXELS))
     assert x[:, :32].tolist() == [[[255, 0, 0]] * 32] * 32  # opaque half unchanged
     assert (x[:, 32:] == 255).all()  # transparent half white, not the black it stored
     palette = Image.new("P", (4, 4))
     palette.putpalette([0, 0, 0] * 256)
     palette.save(tmp_path / "p.png", transparency=0)
-    assert (np.asarray(decode_image(str(tmp_path / "p.png"))) == 255).all()
+    assert (np.asarray(decode_image(str(tmp_path / "p.png"), MAX_PIXELS)) == 255).all()
 
 
 def test_exif_orientation_is_applied(tmp_path):
     write_odd_images(tmp_path)
-    img = decode_image(str(tmp_path / "rotated.jpg"))
+    img = decode_image(str(tmp_path / "rotated.jpg"), MAX_PIXELS)
     # Stored 40x20 with its left half black; shown upright it is 20x40 with the black half on top.
     assert img.size == (20, 40)
     grey = np.asarray(img.convert("L"), dtype=float)
@@ -321,11 +322,11 @@ def test_exif_orientation_is_applied(tmp_path):
 
 def test_cmyk_greyscale_and_palette_become_the_right_rgb(tmp_path):
     write_odd_images(tmp_path)
-    red = np.asarray(decode_image(str(tmp_path / "cmyk.jpg")), dtype=int)
+    red = np.asarray(decode_image(str(tmp_path / "cmyk.jpg"), MAX_PIXELS), dtype=int)
     assert red[..., 0].min() > 200 and red[..., 1:].max() < 60
-    grey = np.asarray(decode_image(str(tmp_path / "grey.jpg")))
+    grey = np.asarray(decode_image(str(tmp_path / "grey.jpg"), MAX_PIXELS))
     assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
-    assert decode_image(str(tmp_path / "palette.png")).mode == "RGB"
+    assert decode_image(str(tmp_path / "palette.png"), MAX_PIXELS).mode == "RGB"
 
 
 # --- the cache -----------------------------------------------------------------------------------

@@ -7,13 +7,14 @@ import signal
 from contextlib import contextmanager
 
 import pytest
+from conftest import from_conf
 
 from pipeline.config import DataConfig
 from pipeline.data.dataset import DataError, read_dataset
 
 
 def config(root, **kw) -> DataConfig:
-    return DataConfig(dir=str(root), image_size=75, batch_size=4, workers=0, **kw)
+    return from_conf("data", dir=str(root), image_size=75, batch_size=4, workers=0, **kw)
 
 
 @contextmanager

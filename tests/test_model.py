@@ -7,10 +7,11 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import from_conf
 from keras import layers
 
 from pipeline import model as model_module
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ConfigError
 from pipeline.model import (
     WeightsError,
     base_of,
@@ -24,7 +25,7 @@ from pipeline.model import (
 
 @pytest.fixture(scope="module")
 def net():
-    return build_model(ModelConfig(weights=None, dropout=0.3), n_classes=3, image_size=75)
+    return build_model(from_conf("model", weights=None, dropout=0.3), n_classes=3, image_size=75)
 
 
 def trainable_names(model):
@@ -75,7 +76,7 @@ def test_unknown_unfreeze_point_names_the_key(net):
 
 
 def test_random_init_batchnorm_learns_quickly():
-    base = create_base(ModelConfig(weights=None, random_init_bn_momentum=0.8), 75)
+    base = create_base(from_conf("model", weights=None, random_init_bn_momentum=0.8), 75)
     bns = [layer for layer in base.layers if isinstance(layer, layers.BatchNormalization)]
     assert bns and all(layer.momentum == 0.8 for layer in bns)
 
@@ -90,7 +91,7 @@ def test_weights_file_is_loaded(tmp_path, suffix):
         legacy_h5_format.save_weights_to_hdf5_group(__import__("h5py").File(path, "w"), source)
     else:
         source.save_weights(str(path))
-    base = create_base(ModelConfig(weights=str(path)), 75)
+    base = create_base(from_conf("model", weights=str(path)), 75)
     np.testing.assert_array_equal(base.weights[0].numpy(), source.weights[0].numpy())
 
 
@@ -98,7 +99,7 @@ def test_foreign_weights_file_is_a_clear_error(tmp_path):
     bogus = tmp_path / "not_weights.h5"
     bogus.write_bytes(b"this is not HDF5")
     with pytest.raises(WeightsError, match="model.weights.*null"):
-        create_base(ModelConfig(weights=str(bogus)), 75)
+        create_base(from_conf("model", weights=str(bogus)), 75)
 
 
 def test_imagenet_offline_fails_fast_with_both_remedies(tmp_path, monkeypatch):
@@ -106,7 +107,7 @@ def test_imagenet_offline_fails_fast_with_both_remedies(tmp_path, monkeypatch):
     monkeypatch.setattr(model_module, "IMAGENET_URL", "http://127.0.0.1:9/notop.h5")
     started = time.time()
     with pytest.raises(WeightsError) as err:
-        create_base(ModelConfig(weights="imagenet"), 75)
+        create_base(from_conf("model", weights="imagenet"), 75)
     assert time.time() - started < 30
     message = str(err.value)
     assert "model.weights" in message and "model.weights=null" in message and "/path/to/" in message

@@ -8,7 +8,7 @@ busy machine shows in both sides (the load average is printed beside each).
     python -m pipeline.bench [--quick] [--only runs,startup,input,model,checkpoint,check]
 
 The full bench (10 head + 5 fine-tune epochs at 150 px, both sides, plus the
-rates at 150 and 299 px) takes about an hour on 2 cores; `--quick` a few minutes.
+rates at 150 and 299 px) is long; `--quick` is a much shorter version (timings: docs/speed.md).
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few-minute version: fewer images, epochs, sizes")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {','.join(PARTS)}")
-    parser.add_argument("--image-size", type=int, default=150, help="pixels of the two runs (default: 150)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    # Unset, both take the pipeline's own value from conf/ (bench_config), as the runs do.
+    parser.add_argument("--image-size", type=int, help="pixels of the two runs (default: data.image_size of conf/)")
+    parser.add_argument("--batch-size", type=int, help="images per step of the rates (default: data.batch_size)")
     parser.add_argument("--head-epochs", type=int, help="override the head epochs of both runs")
     parser.add_argument("--finetune-epochs", type=int, help="override the fine-tune epochs of both runs")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -54,6 +55,21 @@ def parse_args(argv):
     if unknown:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     return args
+
+
+def bench_config(data_dir: Path, args):
+    """conf/'s values as the bench's runs have them: its data, random init, and --image-size/--batch-size if given.
+
+    Fills args.image_size and args.batch_size from it, so every part measures at the same values.
+    """
+    from pipeline.defaults import compose_config
+
+    overrides = [f"data.dir={data_dir}", "model.weights=null"]
+    overrides += [f"data.image_size={args.image_size}"] if args.image_size is not None else []
+    overrides += [f"data.batch_size={args.batch_size}"] if args.batch_size is not None else []
+    config = compose_config(overrides)
+    args.image_size, args.batch_size = config.data.image_size, config.data.batch_size
+    return config
 
 
 def say(text: str) -> None:
@@ -126,20 +142,20 @@ def bench_startup(data_dir: Path, work: Path, args, results: dict) -> None:
     )
 
 
-def bench_model(data_dir: Path, args, results: dict) -> None:
+def bench_model(config, args, results: dict) -> None:
     """Compute-bound rates on in-memory tensors, and the fine-tune phase's end-to-end share."""
     from pipeline.bench.rates import PHASES, model_rate
     from pipeline.bench.runs import bench_precision
 
-    n_images = count_images(data_dir)
+    n_images = count_images(Path(config.data.dir))
     for size in args.plan["sizes"]:
         for phase in ("head", "finetune"):
-            rate = model_rate(3, size, args.batch_size, phase, args.plan["steps"])
+            rate = model_rate(config, 3, size, args.batch_size, phase, args.plan["steps"])
             results[("model", size, phase)] = rate
             say(f"model alone, {size} px, {phase} phase ({PHASES[phase]}): {rate:6.1f} images/s (in-memory tensors)")
     # What the pipeline's cached fine-tune phase actually trains, in the precision the bench runs it.
     precision = bench_precision()
-    cached = model_rate(3, args.image_size, args.batch_size, "finetune_cached", args.plan["steps"], precision)
+    cached = model_rate(config, 3, args.image_size, args.batch_size, "finetune_cached", args.plan["steps"], precision)
     say(
         f"model alone, {args.image_size} px, cached fine-tune phase ({PHASES['finetune_cached']}, {precision}): "
         f"{cached:6.1f} images/s"
@@ -161,29 +177,27 @@ def bench_model(data_dir: Path, args, results: dict) -> None:
                 )
 
 
-def bench_input(data_dir: Path, args, results: dict) -> None:
+def bench_input(config, args, results: dict) -> None:
     """The feed alone (augmentation, workers) against what the model consumes."""
     from pipeline.bench.rates import feed_rate
-    from pipeline.config import DataConfig
 
+    default_workers = config.data.workers
     for size in args.plan["sizes"]:
-        for workers in sorted({1, DataConfig.workers}):
-            rate = feed_rate(data_dir, size, args.batch_size, workers)
+        for workers in sorted({1, default_workers}):
+            rate = feed_rate(config.data, size, workers)
             line = f"input feed alone, {size} px, {workers} worker(s): {rate:6.1f} images/s"
             for phase in ("head", "finetune"):
                 consumed = results.get(("model", size, phase))
                 if consumed:
                     line += f"; {rate / consumed:.1f}x the {phase} phase's consumption"
-            say(line + (" (target >= 3x)" if workers == DataConfig.workers else ""))
+            say(line + (" (target >= 3x)" if workers == default_workers else ""))
 
 
-def bench_checkpoint(data_dir: Path, work: Path, args, results: dict) -> None:
+def bench_checkpoint(config, work: Path, args, results: dict) -> None:
     from pipeline.bench.rates import checkpoint_costs
 
-    epoch, costs = checkpoint_costs(
-        data_dir, work / "checkpoint_cost", args.image_size, args.batch_size, args.plan["formats"], args.plan["steps"]
-    )
-    n_images = count_images(data_dir)
+    epoch, costs = checkpoint_costs(config, work / "checkpoint_cost", args.plan["formats"], args.plan["steps"])
+    n_images = count_images(Path(config.data.dir))
     say(f"epoch at {args.image_size} px, whole network: {epoch:.1f} s for {n_images} images")
     for cost in costs:
         mode = "async" if cost["asynchronous"] else "sync "
@@ -204,26 +218,26 @@ def main(argv=None) -> int:
     from pipeline.quiet import import_tensorflow_quietly
 
     import_tensorflow_quietly()
-    from pipeline.config import Config
     from pipeline.train import configure_tensorflow
 
-    configure_tensorflow(Config())  # the pipeline's defaults (op determinism), as its runs have them
     started = time.time()
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         work = args.work or Path(scratch)
         data_dir = prepare_data(work, args.plan["per_class"])
+        config = bench_config(data_dir, args)
+        configure_tensorflow(config)  # the pipeline's defaults (op determinism), as its runs have them
         say(f"bench: {'quick' if args.quick else 'full'}, data {data_dir}, {os.cpu_count()} cores")
         if "runs" in args.only:
             bench_runs(data_dir, work, args, results)
         if "model" in args.only:  # right after the runs, so the share compares like with like
-            bench_model(data_dir, args, results)
+            bench_model(config, args, results)
         if "input" in args.only:
-            bench_input(data_dir, args, results)
+            bench_input(config, args, results)
         if "startup" in args.only:
             bench_startup(data_dir, work, args, results)
         if "checkpoint" in args.only:
-            bench_checkpoint(data_dir, work, args, results)
+            bench_checkpoint(config, work, args, results)
     if "check" in args.only:
         from pipeline.data.image_check import report_check_speed
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.checkpoints.store import TrainState
 from pipeline.checkpoints.writer import CheckpointWriter
-from pipeline.config import CheckpointConfig, DataConfig, ModelConfig
+from pipeline.config import Config, DataConfig
 from pipeline.data.dataset import Batches, read_dataset, train_batches
 from pipeline.model import build_model, compile_model, set_trainable
 from pipeline.training.cached_phase import share_compilation, split_at
@@ -34,17 +34,23 @@ def read_quietly(cfg: DataConfig):
         return read_dataset(cfg)
 
 
-def trained_model(n_classes: int, image_size: int, phase: str, precision: str = "float32") -> keras.Model:
-    """A random-init model set up for `phase` as the bench's pipeline run trains it."""
+def trained_model(
+    config: Config, n_classes: int, image_size: int, phase: str, precision: str = "float32"
+) -> keras.Model:
+    """A model (the bench's: random init) set up for `phase` as the bench's pipeline run trains it.
+
+    The optimizer and rate are the phase's in `config`; the rate stays constant over the few timed steps.
+    """
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     set_precision(precision)
-    model = build_model(ModelConfig(weights=None), n_classes, image_size)
+    model = build_model(config.model, n_classes, image_size)
     if phase == "head":
         set_trainable(model, "head", None, pretrained=False)
     else:
         set_trainable(model, "finetune", "mixed8" if phase == "finetune" else None, pretrained=False)
-    compile_model(model, "adam", 1e-3)
+    settings = config.train.head if phase == "head" else config.train.finetune
+    compile_model(model, settings.optimizer, settings.lr)
     return model
 
 
@@ -56,7 +62,13 @@ def time_steps(model: keras.Model, x, y, steps: int) -> float:
 
 
 def model_rate(
-    n_classes: int, image_size: int, batch_size: int, phase: str, steps: int, precision: str = "float32"
+    config: Config,
+    n_classes: int,
+    image_size: int,
+    batch_size: int,
+    phase: str,
+    steps: int,
+    precision: str = "float32",
 ) -> float:
     """Training images/s of `phase` on one in-memory batch: no input, no validation, no checkpoint.
 
@@ -64,7 +76,8 @@ def model_rate(
     mixed8 on a batch of mixed8-shaped features.
     """
     try:
-        full = trained_model(n_classes, image_size, "finetune" if phase == "finetune_cached" else phase, precision)
+        full_phase = "finetune" if phase == "finetune_cached" else phase
+        full = trained_model(config, n_classes, image_size, full_phase, precision)
         model = full
         rng = np.random.default_rng(0)
         x = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype("float32")
@@ -79,12 +92,12 @@ def model_rate(
         set_precision("float32")
 
 
-def feed_rate(data_dir: Path, image_size: int, batch_size: int, workers: int) -> float:
+def feed_rate(data_cfg: DataConfig, image_size: int, workers: int) -> float:
     """Training images/s of the real feed (Batches, augmentation, `workers` threads), as fit() pulls it.
 
     A model that only averages the pixels consumes the batches, so the time is the feed's.
     """
-    cfg = DataConfig(dir=str(data_dir), image_size=image_size, batch_size=batch_size, workers=workers)
+    cfg = replace(data_cfg, image_size=image_size, workers=workers)
     data = read_quietly(cfg)
     keras.backend.clear_session()
     inputs = keras.Input((image_size, image_size, 3))
@@ -108,26 +121,24 @@ def epoch_seconds(model: keras.Model, data, cfg: DataConfig) -> float:
     return time.perf_counter() - started
 
 
-def checkpoint_costs(
-    data_dir: Path, work: Path, image_size: int, batch_size: int, formats: list[str], steps: int
-) -> tuple[float, list[dict]]:
-    """An epoch's seconds (whole network, the defaults with weights=null), and per format and mode
-    the seconds a checkpoint costs training.
+def checkpoint_costs(config: Config, work: Path, formats: list[str], steps: int) -> tuple[float, list[dict]]:
+    """An epoch's seconds (whole network, as `config` sets it up: the bench's weights=null), and per
+    format and mode the seconds a checkpoint costs training.
 
     Synchronous: the save itself. Asynchronous: the training thread's snapshot, plus how much
     slower `steps` training steps run while the write goes on in the background than without
     (plus any wait left when they are done), against the mean of a plain run before and after.
     """
-    cfg = DataConfig(dir=str(data_dir), image_size=image_size, batch_size=batch_size)
+    cfg = config.data
     data = read_quietly(cfg)
-    model = trained_model(len(data.class_names), image_size, "whole")
+    model = trained_model(config, len(data.class_names), cfg.image_size, "whole")
     epoch = epoch_seconds(model, data, cfg)
     x, y = Batches(data.train, len(data.class_names), cfg, 0, 0, None, shuffle=False)[0]
     results = []
     for fmt in formats:
         for asynchronous in (False, True):
-            ckpt_cfg = CheckpointConfig(
-                dir=str(work / f"ckpt_{fmt}_{asynchronous}"), format=fmt, asynchronous=asynchronous
+            ckpt_cfg = replace(
+                config.checkpoint, dir=str(work / f"ckpt_{fmt}_{asynchronous}"), format=fmt, asynchronous=asynchronous
             )
             writer = CheckpointWriter(ckpt_cfg, {}, model)
             cost = checkpoint_cost(model, writer, x, y, steps) if asynchronous else save_seconds(model, writer)

@@ -72,7 +72,7 @@ def run_process(
 
 
 def speed_overrides(work: Path) -> list[str]:
-    """The pipeline's speed options as the bench runs them (README: Speed)."""
+    """The pipeline's speed options as the bench runs them (docs/speed.md)."""
     # Feature caching: 2 augmented views, computed once (afresh, in this run's own folder)
     # at mixed8 for both phases.
     return [

@@ -2,7 +2,7 @@
 
 At the epoch (or batch) boundary the training thread copies the model's
 weights, optimizer slots and dropout state into a twin model (same layers and
-names, compiled alike): a memory copy, about a tenth of a second at 150 px.
+names, compiled alike): a memory copy, small beside an epoch (make bench; docs/speed.md).
 A background thread then writes the twin with the same save_checkpoint as a
 synchronous save (scratch files, fsync, pending record, renames, manifest
 last), so every guarantee of checkpoint.py holds unchanged: a kill at any

@@ -90,14 +90,16 @@ class DataSet:
     augmenter: ImageDataGenerator
 
 
-def load_image(
-    path: str, image_size: int, interpolation: str = "bilinear", max_pixels: int = DataConfig.max_pixels
-) -> np.ndarray:
-    """Decode one image as float32 RGB 0-255 at image_size x image_size (training's loader)."""
+def load_image(path: str, image_size: int, interpolation: str, max_pixels: int) -> np.ndarray:
+    """Decode one image as float32 RGB 0-255 at image_size x image_size (training's loader).
+
+    `interpolation` and `max_pixels` are the run's data.interpolation and data.max_pixels (for a
+    trained model, those its metadata records); no default here, so no caller can drift from them.
+    """
     return resize_image(decode_image(path, max_pixels), image_size, interpolation)
 
 
-def decode_image(path: str, max_pixels: int = DataConfig.max_pixels) -> Image.Image:
+def decode_image(path: str, max_pixels: int) -> Image.Image:
     """Fully decode one file into upright 8-bit RGB.
 
     The one decoding path: training (load_image) and the check before training
@@ -131,7 +133,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_image(img: Image.Image, image_size: int, interpolation: str = "bilinear") -> np.ndarray:
+def resize_image(img: Image.Image, image_size: int, interpolation: str) -> np.ndarray:
     """Resize to image_size x image_size (aspect ratio not kept) as float32 0-255."""
     return np.asarray(img.resize((image_size, image_size), RESAMPLING[interpolation]), dtype=np.float32)
 

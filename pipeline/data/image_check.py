@@ -140,10 +140,9 @@ def decode_all(paths: list[str], max_pixels: int, workers: int | None, executor:
 
 
 def make_executor(kind: str, workers: int) -> Executor:
-    # Threads: Pillow releases the GIL while it decodes, so two threads kept 1.9 cores
-    # busy on this 2-core machine (500x375 JPEGs: 1,000/s with one thread, 2,070/s with
-    # two, 1,730/s with two processes), with nothing to pickle and no fork of a process
-    # that holds TensorFlow's threads.
+    # Threads: Pillow releases the GIL while it decodes, so threads keep every core busy
+    # (faster than processes in `make bench --only check`; docs/speed.md), with nothing to
+    # pickle and no fork of a process that holds TensorFlow's threads.
     if kind == "thread":
         return ThreadPoolExecutor(workers)
     # fork: a spawned worker would import TensorFlow again (via data.py) before its first file.
@@ -292,7 +291,8 @@ def measure_check_speed(
             path = os.path.join(tmp, f"{i:05d}.jpg")
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
             paths.append(path)
-        _, stats = scan_images(paths, DataConfig.max_pixels, None, workers, executor)
+        # The limit is the pictures' own size: none counts as broken, and the speed does not depend on it.
+        _, stats = scan_images(paths, width * height, None, workers, executor)
     return count / stats.seconds
 
 

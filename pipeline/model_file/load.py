@@ -14,7 +14,14 @@ from pathlib import Path
 import h5py
 
 from pipeline.cli import CommandError
-from pipeline.config import DataConfig
+
+# What a model file saved before its metadata recorded the data config was trained and checked
+# with: fixed history, deliberately not conf/'s current values, which may change without
+# changing how an old model's images must be read. Bilinear was data.interpolation's value when
+# the key was added; 89,478,485 is Pillow's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS),
+# the one in force before data.max_pixels existed.
+LEGACY_INTERPOLATION = "bilinear"
+LEGACY_MAX_PIXELS = 89_478_485
 
 # The HDF5 attribute final_model.py writes the metadata into (defined here, where no TensorFlow is imported).
 METADATA_ATTR = "pipeline_metadata"
@@ -53,8 +60,8 @@ def read_model_info(path) -> ModelInfo:
         path,
         [str(n) for n in names],
         size,
-        data_cfg.get("interpolation", DataConfig.interpolation),
-        data_cfg.get("max_pixels", DataConfig.max_pixels),
+        data_cfg.get("interpolation", LEGACY_INTERPOLATION),
+        data_cfg.get("max_pixels", LEGACY_MAX_PIXELS),
         metadata,
     )
 

@@ -1,10 +1,10 @@
 """Each job of a sweep trains in a fresh child process.
 
-Measured: in one process, every InceptionV3 job left about 140 MB behind even
-after keras.backend.clear_session() and gc: TensorFlow keeps the traced
-training functions' captured variable handles (388 per model), so a 6-job
-sweep's last job peaked 69% above its first. A fresh child process per job returns
-all of it to the system; the sweep process itself never starts TensorFlow.
+In one process, every InceptionV3 job leaves memory behind even after
+keras.backend.clear_session() and gc: TensorFlow keeps the traced training
+functions' captured variable handles, so each job of a sweep peaks higher than
+the one before (figures: docs/sweeps-and-clusters.md). A fresh child process per
+job returns all of it to the system; the sweep process itself never starts TensorFlow.
 
 The child inherits the terminal, so its output reads as before. It dies with
 the sweep process (kill -9 leaves no orphan); SIGTERM/SIGINT are passed on so

@@ -33,9 +33,8 @@ from pipeline.config import DataConfig
 from pipeline.data.dataset import Batches, DataSet
 
 FORMAT_VERSION = 2  # 2: features computed in batches of FEATURE_BATCH
-# Images per predict() call of the feature pass. Measured at 150 px on 2 cores:
-# 64 ran the frozen layers at 67 images/s to the pooled output and 75 to mixed8,
-# against 51 and 61 with the training batch of 16. Each image's augmentation is
+# Images per predict() call of the feature pass: larger than the training batch,
+# because the frozen layers run faster per image in bigger calls (docs/speed.md). Each image's augmentation is
 # keyed to (seed, epoch, image), so the batch size changes no augmentation;
 # it is fixed so that the features do not depend on data.batch_size either.
 FEATURE_BATCH = 64
