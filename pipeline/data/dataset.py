@@ -234,7 +234,7 @@ def check_layout(names: list[str], train: Split, validation: Split, root: Path) 
     """Refuse fewer than two classes, a training class without images, or no validation images."""
     if len(names) < 2:
         raise DataError(f"{root / 'train'} holds {len(names)} class folder(s); a classifier needs at least 2")
-    empty = [n for n, c in zip(names, train.counts(len(names))) if c == 0]
+    empty = [n for n, c in zip(names, train.counts(len(names)), strict=True) if c == 0]
     if empty:
         raise DataError(f"class folder(s) with no images in {root / 'train'}: {', '.join(empty)} ({EXTENSIONS_HINT})")
     if len(validation.filepaths) == 0:
@@ -253,7 +253,7 @@ def check_validation_classes(names: list[str], val_dir: Path) -> None:
 
 def warn_missing_validation(names: list[str], validation: Split) -> None:
     """Warn about training classes with no validation images; their accuracy goes unmeasured."""
-    missing = [n for n, c in zip(names, validation.counts(len(names))) if c == 0]
+    missing = [n for n, c in zip(names, validation.counts(len(names)), strict=True) if c == 0]
     if missing:
         print(
             f"warning: no validation images for class(es) {', '.join(missing)} in {validation.source}; "
