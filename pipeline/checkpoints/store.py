@@ -144,6 +144,8 @@ def save_model_file(model: keras.Model, fmt: str, target: Path, twin: keras.Mode
         # The twin is the same architecture without an optimizer, so the
         # checkpoint holds model weights only and `tf.train.Checkpoint(model=m)
         # .restore(...)` works whatever optimizer the reader's model carries.
+        if twin is None:
+            raise ValueError("checkpoint.format=tf_checkpoint is written from an optimizer-free twin; pass one")
         twin.set_weights(model.get_weights())
         tf.train.Checkpoint(model=twin).write(str(target))
 

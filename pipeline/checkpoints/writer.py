@@ -100,6 +100,8 @@ class CheckpointWriter:
         Recompiled only when the model got a new optimizer (a new phase, a restore).
         """
         twin = self.snapshot
+        if twin is None:  # built in __init__ only when writes are asynchronous, the one case that mirrors
+            raise RuntimeError("mirror() needs checkpoint.asynchronous: there is no snapshot twin")
         if self.snapshot_optimizer is not model.optimizer:
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)

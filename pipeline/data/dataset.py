@@ -15,6 +15,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import tensorflow as tf
@@ -23,7 +24,8 @@ from PIL import Image, ImageOps
 from pipeline.config import DataConfig
 from pipeline.data.sample_data import has_images, write_sample_data
 
-ImageDataGenerator = tf.keras.preprocessing.image.ImageDataGenerator
+# An explicit TypeAlias, so mypy accepts it in annotations (TensorFlow has no stubs: to mypy it is Any).
+ImageDataGenerator: TypeAlias = tf.keras.preprocessing.image.ImageDataGenerator
 # The extensions flow_from_directory indexes (any case); other files are not data.
 INDEXED_EXTENSIONS = tuple("." + ext for ext in tf.keras.preprocessing.image.DirectoryIterator.white_list_formats)
 # Said wherever no images were found: training, predict and evaluate find them alike.
@@ -287,7 +289,7 @@ def check_link_cycles(top: Path) -> None:
     notice: it descends until the kernel's limit of 40 links per path, listing
     every image once per lap, and two such links make 2**40 laps.
     """
-    pending = [(str(top), (os.path.realpath(top),))]
+    pending: list[tuple[str, tuple[str, ...]]] = [(str(top), (os.path.realpath(top),))]  # (folder, real paths above)
     while pending:
         folder, above = pending.pop()
         try:

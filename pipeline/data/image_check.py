@@ -97,7 +97,9 @@ def check_images(data: DataSet, cfg: DataConfig, report_dir: Path, cache_path: P
 
 
 def describe(verdict: Verdict) -> str:
-    return f"{verdict.reason} ({verdict.detail})" if verdict.detail else verdict.reason
+    """A bad file's reason, with its detail if any (only bad files are listed; one that decodes reads "ok")."""
+    reason = verdict.reason or "ok"
+    return f"{reason} ({verdict.detail})" if verdict.detail else reason
 
 
 def scan_images(
@@ -129,7 +131,8 @@ def decode_all(paths: list[str], max_pixels: int, workers: int | None, executor:
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     if workers == 1 or len(chunks) <= 1:
         return dict(zip(paths, check_files(paths, max_pixels), strict=True))
-    results, last_note = {}, time.perf_counter()
+    results: dict[str, Verdict] = {}
+    last_note = time.perf_counter()
     with make_executor(executor, workers) as pool:
         for chunk, verdicts in zip(chunks, pool.map(check_files, chunks, [max_pixels] * len(chunks)), strict=True):
             results.update(zip(chunk, verdicts, strict=True))
