@@ -18,7 +18,7 @@ STAMP := .make/installed-$(subst /,_,$(PYTHON))
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train test bench tensorboard clean-runs
+.PHONY: help setup train lint test bench tensorboard clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,11 @@ setup: $(STAMP) ## create .venv and install the project (train and test do this 
 
 train: $(STAMP) ## train (writes sample data into data/ if it has no images); ARGS="overrides"
 	$(PY) -m pipeline $(ARGS)
+
+lint: $(STAMP) ## ruff (lint and format check) and mypy, as CI runs them; settings in pyproject.toml
+	$(PY) -m ruff check pipeline tests
+	$(PY) -m ruff format --check pipeline tests
+	$(PY) -m mypy
 
 # Two test processes: half of an end-to-end test is single-threaded start-up and
 # tracing, so one process leaves a core idle (timings: docs/speed.md).

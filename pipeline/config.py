@@ -165,10 +165,13 @@ def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
 
     Returns the config and one-line notes on seed spellings that were translated.
     """
-    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k in Config.__dataclass_fields__}
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)  # a DictConfig converts to a dict; OmegaConf types every kind of node
+    plain = {k: v for k, v in container.items() if k in Config.__dataclass_fields__}
     merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
     refuse_missing(merged)
     config = OmegaConf.to_object(merged)
+    assert isinstance(config, Config)  # merged onto the structured schema, so it converts back to Config
     notes = translate_seed_spellings(config.checkpoint) + imply_multi_worker(config.distribute)
     validate(config)
     return config, notes

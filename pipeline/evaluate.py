@@ -60,7 +60,7 @@ def evaluate(args: argparse.Namespace) -> int:
     model = load_model(info)
     true, predicted, unreadable = [], [], []
     for result in label_files(model, truth, info.image_size, info.interpolation, info.max_pixels):
-        if result.error:
+        if result.probabilities is None:  # the file could not be read; result.error says why
             unreadable.append(f"{result.path}: {result.error}")
         else:
             true.append(truth[result.path])

@@ -49,7 +49,7 @@ def predict(args: argparse.Namespace) -> int:
     write = make_writer(args.csv, k)
     failed = 0
     for result in label_files(model, images, info.image_size, info.interpolation, info.max_pixels):
-        if result.error:
+        if result.probabilities is None:  # the file could not be read; result.error says why
             failed += 1
             write(result.path, [], f"error: {result.error}")
         else:

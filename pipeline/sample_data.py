@@ -1,4 +1,7 @@
-"""`python -m pipeline.sample_data [DIR]`: the public command that writes the sample data set (pipeline/data/sample_data.py)."""
+"""`python -m pipeline.sample_data [DIR]`: the public command that writes the sample data set.
+
+The generator lives in pipeline/data/sample_data.py; this shim keeps the command where users type it.
+"""
 
 import sys
 

@@ -61,10 +61,10 @@ class Session:
     data: DataSet
     model: keras.Model
     fingerprint: dict
-    writer: CheckpointWriter | None = None
+    writer: CheckpointWriter
     # Where checkpoints and the final model are written: `cfg` itself, except on a
     # non-chief worker of a multi-worker run, whose copies go to a scratch folder.
-    out: Config | None = None
+    out: Config
     strategy: tf.distribute.Strategy | None = None
     state: TrainState = field(default_factory=TrainState)
     last_logs: dict = field(default_factory=dict)
@@ -188,10 +188,10 @@ def train_and_save(
     model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
     check_unfreeze_after(model, cfg.train.finetune.unfreeze_after)
     check_cached_cut(model, cfg)
-    session = Session(cfg, data, model, make_fingerprint(cfg, data), out=out, strategy=strategy)
+    fingerprint = make_fingerprint(cfg, data)
     if strategy:
         prepare_model_for_strategy(model, strategy, validation_batches(data, cfg.data))
-    plan = plan_resume(Path(cfg.checkpoint.dir), session.fingerprint, resume, read_only)
+    plan = plan_resume(Path(cfg.checkpoint.dir), fingerprint, resume, read_only)
     phases = plan_phases(cfg)
     done = finished_run(cfg, plan.candidates[0] if plan.candidates else None, phases)
     if done:
@@ -203,7 +203,8 @@ def train_and_save(
         return summary.outcome(
             cfg, done.state, done.manifest.get("logs", {}), time.time() - started, "already complete"
         )
-    session.writer = CheckpointWriter(out.checkpoint, session.fingerprint, model, prune_and_announce(out.checkpoint))
+    writer = CheckpointWriter(out.checkpoint, fingerprint, model, prune_and_announce(out.checkpoint))
+    session = Session(cfg, data, model, fingerprint, writer, out, strategy)
     restored = restore_newest_usable(plan, session.prepare)
     if restored:
         session.state = restored.state

@@ -62,7 +62,7 @@ def save(model, tmp_path, fmt="keras", epoch=1, logs=None, twin=None, **cfg):
 
 def assert_same_weights(a, b):
     assert len(a.weights) == len(b.weights)
-    for wa, wb in zip(a.weights, b.weights):
+    for wa, wb in zip(a.weights, b.weights, strict=True):
         np.testing.assert_array_equal(wa.numpy(), wb.numpy())
 
 
@@ -76,7 +76,7 @@ def test_every_format_round_trips_weights_optimizer_and_dropout_state(tmp_path, 
     model = fresh_model()
     restore(model, list_checkpoints(tmp_path)[-1])
     assert_same_weights(source, model)
-    for a, b in zip(source.optimizer.variables, model.optimizer.variables):
+    for a, b in zip(source.optimizer.variables, model.optimizer.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert model.optimizer.iterations.numpy() == 2
     np.testing.assert_array_equal(

@@ -58,7 +58,7 @@ def test_a_background_write_holds_the_model_as_it_was_at_submit(tmp_path, fmt):
     restored = fresh_model()
     restore(restored, ckpt)
     assert_same_weights(at_submit, restored)
-    for saved, now in zip(optimizer_at_submit, restored.optimizer.variables):
+    for saved, now in zip(optimizer_at_submit, restored.optimizer.variables, strict=True):
         np.testing.assert_array_equal(saved, now.numpy())
     assert not np.array_equal(model.get_weights()[-1], restored.get_weights()[-1])
 

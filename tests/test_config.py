@@ -220,7 +220,8 @@ def test_speed_keys_default_to_off():
         # reusing the head phase's views needs both phases cached alike
         (
             ["train.finetune.reuse_head_views=true", "train.finetune.cached_views=2"],
-            "needs train.head.epochs, train.head.cached_views and train.finetune.cached_views all above 0 (they are 2, 0 and 2)",
+            "needs train.head.epochs, train.head.cached_views and train.finetune.cached_views all above 0 "
+            "(they are 2, 0 and 2)",
         ),
         (
             ["train.finetune.reuse_head_views=true", "train.head.cached_views=2", "train.finetune.cached_views=1"],

@@ -22,7 +22,7 @@ def test_reads_train_and_validation_in_class_order(tiny_data):
     assert data.train.counts(3) == [4, 4, 4] and data.validation.counts(3) == [2, 2, 2]
     # every label agrees with the folder the file is in
     for split in (data.train, data.validation):
-        for path, label in zip(split.filepaths, split.labels):
+        for path, label in zip(split.filepaths, split.labels, strict=True):
             assert f"/{data.class_names[label]}/" in path
 
 

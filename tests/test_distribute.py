@@ -175,7 +175,7 @@ def test_mirrored_strategy_trains_like_a_single_process(tmp_path, tiny_data):
     def first_epoch_line(run_dir, *extra):
         result = run_cli(*run_args(run_dir, tiny_data, "train.finetune.epochs=0", *extra), cwd=REPO)
         assert result.returncode == 0, result.stdout + result.stderr
-        line = next(l for l in result.stdout.splitlines() if "val_accuracy:" in l)
+        line = next(text for text in result.stdout.splitlines() if "val_accuracy:" in text)
         return {k.strip(): float(v) for k, v in (part.split(":") for part in line.split(" - ")[3:])}
 
     plain = first_epoch_line(tmp_path / "plain")

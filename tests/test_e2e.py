@@ -109,7 +109,7 @@ def test_kill_9_after_a_checkpoint_then_same_command_resumes_exactly(finished, t
     # same seed, same configuration: the resumed run ends where the uninterrupted one did
     reference = weights_of(finished[0] / "model" / "final.h5")
     resumed = weights_of(tmp_path / "model" / "final.h5")
-    assert max(float(np.abs(a - b).max()) for a, b in zip(reference, resumed)) <= 1e-5
+    assert max(float(np.abs(a - b).max()) for a, b in zip(reference, resumed, strict=True)) <= 1e-5
 
 
 def test_changed_configuration_is_refused_and_nothing_touched(finished, tiny_data):

@@ -254,9 +254,7 @@ def test_skip_trains_without_them_and_reports_them(tmp_path, capsys):
     assert not set(data.validation.filepaths) & set(expected)
     assert data.train.counts(2) == [3, 3] and data.validation.counts(2) == [3, 3]
     for split in (data.train, data.validation):  # labels still match the files they belong to
-        assert [f"/{data.class_names[y]}/" in p for p, y in zip(split.filepaths, split.labels)] == [True] * len(
-            split.labels
-        )
+        assert all(f"/{data.class_names[y]}/" in p for p, y in zip(split.filepaths, split.labels, strict=True))
     out = capsys.readouterr().out
     assert f"warning: data.on_bad_image=skip: training without {len(expected)} of {total} images" in out
     assert all(f"  {path}: {reason}" in out for path, reason in expected.items())

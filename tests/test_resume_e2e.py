@@ -34,7 +34,7 @@ def final_weights(tmp):
 
 
 def largest_difference(a, b) -> float:
-    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(scope="module")

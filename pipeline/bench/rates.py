@@ -167,7 +167,9 @@ def checkpoint_cost(model: keras.Model, writer: CheckpointWriter, x, y, steps: i
     started = time.perf_counter()
     writer.submit(model, "async", replace(TrainState(phase="finetune"), epoch=2), {"val_accuracy": 0.5})
     blocking = time.perf_counter() - started
-    thread, during, done = writer.thread, 0, 0
+    thread, done = writer.thread, 0
+    if thread is None:  # submit() wrote in the foreground: there is no background write to overlap
+        raise ValueError("checkpoint_cost needs a writer with checkpoint.asynchronous")
     started = time.perf_counter()
     while done < steps or thread.is_alive():
         model.train_on_batch(x, y)

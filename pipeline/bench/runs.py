@@ -50,6 +50,7 @@ def run_process(
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = Run(0.0, 0, [], spawned)
     phase = "?"
+    assert proc.stdout is not None  # stdout=PIPE above
     try:
         for line in proc.stdout:
             run.lines.append(line.rstrip("\n"))

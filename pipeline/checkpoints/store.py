@@ -144,6 +144,8 @@ def save_model_file(model: keras.Model, fmt: str, target: Path, twin: keras.Mode
         # The twin is the same architecture without an optimizer, so the
         # checkpoint holds model weights only and `tf.train.Checkpoint(model=m)
         # .restore(...)` works whatever optimizer the reader's model carries.
+        if twin is None:
+            raise ValueError("checkpoint.format=tf_checkpoint is written from an optimizer-free twin; pass one")
         twin.set_weights(model.get_weights())
         tf.train.Checkpoint(model=twin).write(str(target))
 
@@ -355,7 +357,10 @@ def restore(model: keras.Model, ckpt: Checkpoint) -> None:
         model.load_weights(str(model_file))
     with np.load(directory / (ckpt.stem + STATE)) as state:
         restore_optimizer(model, [state[k] for k in sorted(state.files) if k.startswith("opt_")])
-        for gen, key in zip(seed_generators(model), sorted(k for k in state.files if k.startswith("seed_"))):
+        saved_seeds = sorted(k for k in state.files if k.startswith("seed_"))
+        # Not strict: Dropout(rate=0) has no seed generator, so a resume with another model.dropout
+        # may find more or fewer saved states than generators; the ones that pair up are restored.
+        for gen, key in zip(seed_generators(model), saved_seeds, strict=False):
             gen.state.assign(state[key])
 
 
@@ -366,7 +371,7 @@ def restore_optimizer(model: keras.Model, values: list) -> None:
             f"optimizer state has {len(values)} variables, the model's optimizer "
             f"{len(variables)}: the checkpoint was made with other trainable layers"
         )
-    for var, value in zip(variables, values):
+    for var, value in zip(variables, values, strict=True):
         # The learning rate comes from the configuration, so a user may change it on resume.
         if var.path.endswith("learning_rate"):
             continue

@@ -100,10 +100,12 @@ class CheckpointWriter:
         Recompiled only when the model got a new optimizer (a new phase, a restore).
         """
         twin = self.snapshot
+        if twin is None:  # built in __init__ only when writes are asynchronous, the one case that mirrors
+            raise RuntimeError("mirror() needs checkpoint.asynchronous: there is no snapshot twin")
         if self.snapshot_optimizer is not model.optimizer:
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
-            for ours, theirs in zip(twin._flatten_layers(), model._flatten_layers()):
+            for ours, theirs in zip(twin._flatten_layers(), model._flatten_layers(), strict=True):
                 ours.trainable = theirs.trainable
             config = {k: v for k, v in model.get_compile_config().items() if k != "optimizer"}
             twin.compile(optimizer=keras.optimizers.deserialize(keras.optimizers.serialize(model.optimizer)), **config)
@@ -127,7 +129,7 @@ def copy_training_state(model: keras.Model, twin: keras.Model) -> None:
     for ours, theirs in pairs:
         if len(ours) != len(theirs):
             raise RuntimeError(f"checkpoint snapshot: {len(ours)} variables to fill from {len(theirs)}")
-        for dst, src in zip(ours, theirs):
+        for dst, src in zip(ours, theirs, strict=True):
             dst.assign(src)
 
 

@@ -15,6 +15,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import tensorflow as tf
@@ -23,7 +24,8 @@ from PIL import Image, ImageOps
 from pipeline.config import DataConfig
 from pipeline.data.sample_data import has_images, write_sample_data
 
-ImageDataGenerator = tf.keras.preprocessing.image.ImageDataGenerator
+# An explicit TypeAlias, so mypy accepts it in annotations (TensorFlow has no stubs: to mypy it is Any).
+ImageDataGenerator: TypeAlias = tf.keras.preprocessing.image.ImageDataGenerator
 # The extensions flow_from_directory indexes (any case); other files are not data.
 INDEXED_EXTENSIONS = tuple("." + ext for ext in tf.keras.preprocessing.image.DirectoryIterator.white_list_formats)
 # Said wherever no images were found: training, predict and evaluate find them alike.
@@ -236,7 +238,7 @@ def check_layout(names: list[str], train: Split, validation: Split, root: Path) 
     """Refuse fewer than two classes, a training class without images, or no validation images."""
     if len(names) < 2:
         raise DataError(f"{root / 'train'} holds {len(names)} class folder(s); a classifier needs at least 2")
-    empty = [n for n, c in zip(names, train.counts(len(names))) if c == 0]
+    empty = [n for n, c in zip(names, train.counts(len(names)), strict=True) if c == 0]
     if empty:
         raise DataError(f"class folder(s) with no images in {root / 'train'}: {', '.join(empty)} ({EXTENSIONS_HINT})")
     if len(validation.filepaths) == 0:
@@ -255,7 +257,7 @@ def check_validation_classes(names: list[str], val_dir: Path) -> None:
 
 def warn_missing_validation(names: list[str], validation: Split) -> None:
     """Warn about training classes with no validation images; their accuracy goes unmeasured."""
-    missing = [n for n, c in zip(names, validation.counts(len(names))) if c == 0]
+    missing = [n for n, c in zip(names, validation.counts(len(names)), strict=True) if c == 0]
     if missing:
         print(
             f"warning: no validation images for class(es) {', '.join(missing)} in {validation.source}; "
@@ -289,7 +291,7 @@ def check_link_cycles(top: Path) -> None:
     notice: it descends until the kernel's limit of 40 links per path, listing
     every image once per lap, and two such links make 2**40 laps.
     """
-    pending = [(str(top), (os.path.realpath(top),))]
+    pending: list[tuple[str, tuple[str, ...]]] = [(str(top), (os.path.realpath(top),))]  # (folder, real paths above)
     while pending:
         folder, above = pending.pop()
         try:

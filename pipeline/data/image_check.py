@@ -97,7 +97,9 @@ def check_images(data: DataSet, cfg: DataConfig, report_dir: Path, cache_path: P
 
 
 def describe(verdict: Verdict) -> str:
-    return f"{verdict.reason} ({verdict.detail})" if verdict.detail else verdict.reason
+    """A bad file's reason, with its detail if any (only bad files are listed; one that decodes reads "ok")."""
+    reason = verdict.reason or "ok"
+    return f"{reason} ({verdict.detail})" if verdict.detail else reason
 
 
 def scan_images(
@@ -128,11 +130,12 @@ def decode_all(paths: list[str], max_pixels: int, workers: int | None, executor:
     workers = workers or os.cpu_count() or 1
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     if workers == 1 or len(chunks) <= 1:
-        return dict(zip(paths, check_files(paths, max_pixels)))
-    results, last_note = {}, time.perf_counter()
+        return dict(zip(paths, check_files(paths, max_pixels), strict=True))
+    results: dict[str, Verdict] = {}
+    last_note = time.perf_counter()
     with make_executor(executor, workers) as pool:
-        for chunk, verdicts in zip(chunks, pool.map(check_files, chunks, [max_pixels] * len(chunks))):
-            results.update(zip(chunk, verdicts))
+        for chunk, verdicts in zip(chunks, pool.map(check_files, chunks, [max_pixels] * len(chunks)), strict=True):
+            results.update(zip(chunk, verdicts, strict=True))
             if time.perf_counter() - last_note > PROGRESS_EVERY:
                 print(f"data: checking images: {len(results):,}/{len(paths):,}", flush=True)
                 last_note = time.perf_counter()
@@ -256,14 +259,17 @@ def drop_images(data: DataSet, drop: set[str]) -> DataSet:
 
     def keep(split: Split) -> Split:
         mask = np.array([p not in drop for p in split.filepaths], dtype=bool)
-        return replace(split, filepaths=[p for p, k in zip(split.filepaths, mask) if k], labels=split.labels[mask])
+        kept_paths = [p for p, k in zip(split.filepaths, mask, strict=True) if k]
+        return replace(split, filepaths=kept_paths, labels=split.labels[mask])
 
     kept = replace(data, train=keep(data.train), validation=keep(data.validation))
     n = len(data.class_names)
     check_layout(kept.class_names, kept.train, kept.validation, Path(data.train.source).parent)
     emptied = [
         name
-        for name, before, after in zip(data.class_names, data.validation.counts(n), kept.validation.counts(n))
+        for name, before, after in zip(
+            data.class_names, data.validation.counts(n), kept.validation.counts(n), strict=True
+        )
         if before and not after
     ]
     if emptied:

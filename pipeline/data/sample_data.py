@@ -164,7 +164,7 @@ def pick_colours(rng: np.random.Generator, class_name: str) -> tuple[np.ndarray,
         colorsys.hsv_to_rgb(hue, rng.uniform(*SATURATION_RANGE), rng.uniform(*VALUE_RANGE)), dtype=np.float32
     )
     background_colours = rng.random((2, 3), dtype=np.float32)
-    shape_luma = luma(shape_colour)
+    shape_luma = np.float32(luma(shape_colour))  # one colour's luma is a scalar; float32 like the pixels
     if shape_luma >= 0.5:
         background_colours = darken_to(background_colours, shape_luma - MIN_LUMA_GAP)
     else:
@@ -177,13 +177,13 @@ def luma(colours: np.ndarray) -> np.ndarray:
     return colours @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def darken_to(colours: np.ndarray, max_luma: float) -> np.ndarray:
+def darken_to(colours: np.ndarray, max_luma: float | np.floating) -> np.ndarray:
     """Scale each too-bright colour towards black until its luma is `max_luma`; keep the others."""
     current = luma(colours)[..., None]
     return np.where(current > max_luma, colours * (max_luma / np.maximum(current, 1e-6)), colours)
 
 
-def lighten_to(colours: np.ndarray, min_luma: float) -> np.ndarray:
+def lighten_to(colours: np.ndarray, min_luma: float | np.floating) -> np.ndarray:
     """Move each too-dark colour towards white until its luma is `min_luma`; keep the others."""
     return 1 - darken_to(1 - colours, 1 - min_luma)  # luma weights sum to 1, so this mirrors darken_to
 

@@ -10,6 +10,7 @@ checkpoints and resume are the same whatever the number of workers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import tempfile
@@ -51,12 +52,13 @@ def patch_keras_multi_worker_reduction() -> None:
 
     original = getattr(trainer.reduce_per_replica, "__wrapped__", trainer.reduce_per_replica)
 
+    # wraps() records `original` as __wrapped__, so patching twice still wraps Keras's own function once.
+    @functools.wraps(original)
     def reduce_per_replica(values, strategy, reduction):
         if reduction == "auto" and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
         return original(values, strategy, reduction)
 
-    reduce_per_replica.__wrapped__ = original
     trainer.reduce_per_replica = reduce_per_replica
 
 

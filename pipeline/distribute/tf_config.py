@@ -54,6 +54,6 @@ def check_tf_config(cfg: DistributeConfig) -> None:
         raise ConfigError(
             f"TF_CONFIG is not a valid cluster description ({err!r}): expected "
             '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
-        )
+        ) from err
     if not workers or task_type not in ("worker", "chief") or not 0 <= index < len(tf_config["cluster"][task_type]):
         raise ConfigError(f"TF_CONFIG names task {task_type} {index}, which its cluster does not list")

@@ -17,7 +17,7 @@ def print_startup(cfg: Config, data, phases, reason: str, restored, unfreeze_aft
     ]
     lines += [
         f"  {name:<20} train {t:>6}  validation {v:>6}"
-        for name, t, v in zip(data.class_names, train_counts, val_counts)
+        for name, t, v in zip(data.class_names, train_counts, val_counts, strict=True)
     ]
     weights = cfg.model.weights if cfg.model.weights is not None else "none (random init)"
     lines.append(

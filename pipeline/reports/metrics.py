@@ -72,6 +72,6 @@ def format_confusion(matrix: np.ndarray, names: list[str]) -> str:
     width = max(len(CORNER), *(len(n) for n in names))
     cell = max(5, *(len(n) for n in names), len(str(int(matrix.max(initial=0)))))
     lines = [f"{CORNER:<{width}}  " + "  ".join(f"{n:>{cell}}" for n in names)]
-    for name, row in zip(names, matrix):
+    for name, row in zip(names, matrix, strict=True):
         lines.append(f"{name:<{width}}  " + "  ".join(f"{int(v):>{cell}}" for v in row))
     return "\n".join(lines)

@@ -31,7 +31,7 @@ def draw_curves(rows: list[dict], path: Path) -> Path:
     """Loss and accuracy per epoch, training and validation, phases shaded, resume points marked."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     epochs = np.array([row["epoch"] for row in rows])
-    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
         shade_phases(ax, rows)
         if rows:
             ax.plot(epochs, [row[metric] for row in rows], "o-", label=f"training {metric}")

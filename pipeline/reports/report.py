@@ -105,7 +105,9 @@ def data_section(cfg: Config, data: DataSet) -> str:
     )
     lines = ["## Data", "", source, "", "| class | train | share | validation |", "| --- | ---: | ---: | ---: |"]
     total = sum(train)
-    lines += [f"| {name} | {t} | {t / total:.0%} | {v} |" for name, t, v in zip(data.class_names, train, val)]
+    lines += [
+        f"| {name} | {t} | {t / total:.0%} | {v} |" for name, t, v in zip(data.class_names, train, val, strict=True)
+    ]
     lines.append(f"| **total** | **{total}** | | **{sum(val)}** |")
     smallest = min(train)
     ratio = max(train) / smallest if smallest else float("inf")
@@ -184,7 +186,9 @@ def confusion_section(matrix: np.ndarray, names: list[str]) -> str:
         f"| {CORNER} | " + " | ".join(names) + " |",
         "| --- | " + " | ".join("---:" for _ in names) + " |",
     ]
-    lines += [f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |" for name, row in zip(names, matrix)]
+    lines += [
+        f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |" for name, row in zip(names, matrix, strict=True)
+    ]
     lines += ["", "| class | precision | recall | F1 | images |", "| --- | ---: | ---: | ---: | ---: |"]
     lines += [
         f"| {name} | {scores.precision[i]:.3f} | {scores.recall[i]:.3f} | {scores.f1[i]:.3f} "

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Any
 
 from pipeline.distribute.local_workers import die_with_parent
 
@@ -46,20 +47,24 @@ def run_in_child(config, resume: bool | None, run_dir: Path) -> dict:
         child = subprocess.Popen(
             [sys.executable, "-m", "pipeline.sweep.job_process", str(request), str(answer)], preexec_fn=die_with_parent
         )
-        previous = {
-            sig: signal.signal(sig, lambda signum, _f: child.poll() is None and child.send_signal(signum))
-            for sig in (signal.SIGTERM, signal.SIGINT)
-        }
+
+        def forward(signum: int, _frame: object) -> None:
+            if child.poll() is None:  # still running: pass it on, so the job checkpoints and stops
+                child.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             child.wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        kind, payload = (
+        # (kind, payload): the outcome's dict for "ok", otherwise the message or traceback.
+        outcome: tuple[str, Any] = (
             pickle.loads(answer.read_bytes())
             if answer.is_file()
             else ("crash", f"it ended with code {child.returncode} and no result (killed?)")
         )
+    kind, payload = outcome
     if kind == "ok":
         return payload
     if kind == "user_error":
@@ -79,6 +84,7 @@ def train_in_child(request: Path, answer: Path) -> None:
     from pipeline.train import USER_ERRORS, run
     from pipeline.training.batch_saver import Preempted
 
+    result: tuple[str, dict | str]
     try:
         result = ("ok", {**run(config, resume, Path(run_dir)), "peak_mb": peak_memory_mb()})
     except Preempted as err:

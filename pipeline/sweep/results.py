@@ -51,7 +51,7 @@ def print_table(rows: list[dict]) -> None:
     cells = [[fmt(row.get(c)) for c in shown] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(shown)]
     for line in [list(shown), *cells]:
-        print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)))
 
 
 def fmt(value) -> str:

@@ -1,1 +1,4 @@
-"""How an epoch runs: cached phases on frozen-layer features, the feature cache, batch-boundary saves, precision, the first-step timer."""
+"""How an epoch runs.
+
+Cached phases on frozen-layer features, the feature cache, batch-boundary saves, precision, the first-step timer.
+"""

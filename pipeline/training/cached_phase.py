@@ -92,10 +92,10 @@ def make_feed(
     # The head phase comes first, so with reuse its epochs 0..K-1 name the views.
     view_start = 0 if reuse else first_epoch
     view_epochs = list(range(view_start, view_start + views))
-    cut = HEAD_CUT if phase == "head" else unfreeze_after
+    cut = HEAD_CUT if phase == "head" else frozen_cut(unfreeze_after)
     lower, upper = split_at(model, cut)
     if phase == "head" and reuse:
-        features = pooled_from_cut(model, lower, data, cfg, view_epochs, unfreeze_after)
+        features = pooled_from_cut(model, lower, data, cfg, view_epochs, frozen_cut(unfreeze_after))
     else:
         features = cached_features(lower, data, cfg, cut, view_epochs)
     share_compilation(upper, model)
@@ -178,7 +178,18 @@ def check_cached_cut(model: keras.Model, cfg: Config) -> None:
     finetune = cfg.train.finetune
     # With reuse_head_views the head phase itself computes at the unfreeze point.
     if finetune.cached_views and (finetune.epochs or finetune.reuse_head_views):
-        split_at(model, resolve_unfreeze_after(finetune.unfreeze_after, cfg.model.weights is not None))
+        split_at(model, frozen_cut(resolve_unfreeze_after(finetune.unfreeze_after, cfg.model.weights is not None)))
+
+
+def frozen_cut(unfreeze_after: str | None) -> str:
+    """The unfreeze point, where a cached fine-tune (or a head phase reusing its views) caches.
+
+    None means the whole base trains, leaving nothing frozen to cache; config.validate_finetune_cache
+    refuses that combination, so reaching it here is a bug, not a user error.
+    """
+    if unfreeze_after is None:
+        raise RuntimeError("cached features need a frozen lower part, but the whole base trains (unfreeze_after none)")
+    return unfreeze_after
 
 
 def split_at(model: keras.Model, cut: str) -> tuple[keras.Model, keras.Model]:
