@@ -4,6 +4,7 @@
 save would destroy the previous model. We save to a temporary name beside it,
 add the metadata as an HDF5 attribute, fsync, and rename over the old file.
 A JSON copy of the metadata is written beside it for people and other tools.
+Reading it back is load.py's job (read_metadata), for training and the commands alike.
 """
 
 from __future__ import annotations
@@ -16,11 +17,7 @@ import h5py
 import keras
 
 from pipeline.checkpoints.store import fsync_dir, fsync_file, reach, write_json_atomic
-from pipeline.model_file.load import METADATA_ATTR  # one name for the attribute; model_file reads it without TensorFlow
-
-
-def metadata_path(model_path: Path) -> Path:
-    return Path(model_path).with_suffix(".json")
+from pipeline.model_file.load import METADATA_ATTR, metadata_path
 
 
 def save_final(model: keras.Model, path: Path, metadata: dict) -> None:
@@ -41,11 +38,3 @@ def save_final(model: keras.Model, path: Path, metadata: dict) -> None:
         tmp.unlink(missing_ok=True)
     write_json_atomic(metadata_path(path), metadata)
 
-
-def read_metadata(path: Path) -> dict | None:
-    """The metadata stored inside a final model file, or None if absent or unreadable."""
-    try:
-        with h5py.File(path, "r") as f:
-            return json.loads(f.attrs[METADATA_ATTR])
-    except (OSError, KeyError, ValueError):
-        return None
