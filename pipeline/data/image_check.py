@@ -32,6 +32,7 @@ import numpy as np
 import PIL
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.atomic_file import write_json
 from pipeline.config import DataConfig
 from pipeline.data.dataset import DataError, DataSet, Split, TooManyPixels, check_layout, decode_image
 
@@ -217,24 +218,15 @@ def load_cache(cache_path: Path) -> dict:
 
 
 def save_cache(cache_path: Path, entries: dict) -> None:
-    """Write the cache atomically (temp file + rename: a killed run leaves the old one whole).
+    """Write the cache atomically (a killed run leaves the old one whole).
 
     A folder we may not write to just goes without a cache.
     """
     body = {"version": [CACHE_VERSION, PIL.__version__], "entries": {p: e for p, e in entries.items() if e is not None}}
-    cache_path = Path(cache_path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=cache_path.name + ".", suffix=".tmp", dir=cache_path.parent)
-    except OSError:
-        print(f"note: {cache_path.parent} is not writable; image check results are not cached")
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(body, f)
-        os.replace(tmp, cache_path)
+        write_json(Path(cache_path), body, indent=None)  # one line: a large set's cache stays small
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        print(f"note: image check results not cached: {err}")
+        print(f"note: image check results not cached: cannot write in {Path(cache_path).parent} ({err.strerror})")
 
 
 def write_report(bad: dict[str, Verdict], report_dir: Path) -> Path | None:

@@ -10,31 +10,24 @@ Reading it back is load.py's job (read_metadata), for training and the commands 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
 import keras
 
-from pipeline.checkpoints.store import fsync_dir, fsync_file, reach, write_json_atomic
+from pipeline.atomic_file import remove_leftovers, replaced, write_json
+from pipeline.checkpoints.store import reach
 from pipeline.model_file.load import METADATA_ATTR, metadata_path
 
 
 def save_final(model: keras.Model, path: Path, metadata: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in path.parent.glob(f".{path.stem}.tmp-*.h5"):  # from a killed save
-        leftover.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.h5")
-    try:
+    for target in (path, metadata_path(path)):  # temporaries of a killed save
+        remove_leftovers(target)
+    with replaced(path, durable=True) as tmp:
         model.save(str(tmp), overwrite=True)
         with h5py.File(tmp, "a") as f:
             f.attrs[METADATA_ATTR] = json.dumps(metadata)
-        fsync_file(tmp)
-        reach("final_before_rename")
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    write_json_atomic(metadata_path(path), metadata)
-
+        reach("final_before_rename")  # the file is whole, the old model still in place
+    write_json(metadata_path(path), metadata, durable=True)
