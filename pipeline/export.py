@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 from pipeline.atomic_file import replaced
@@ -57,19 +55,10 @@ def export(args: argparse.Namespace) -> int:
 
 def export_saved_model(model, info: ModelInfo, out: Path) -> None:
     """Written beside `out` under a temporary name, then moved into place: a kill leaves the old export whole."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replaced(out) as tmp:
         model.export(str(tmp), format="tf_saved_model", verbose=False)
         (tmp / "labels.txt").write_text("".join(f"{name}\n" for name in info.class_names))
         (tmp / "pipeline_metadata.json").write_text(json.dumps(info.metadata, indent=1, sort_keys=True))
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_tflite(model, path: Path) -> None:

@@ -33,7 +33,8 @@ from pipeline.model import (
     resolve_unfreeze_after,
     set_trainable,
 )
-from pipeline.model_file.save import read_metadata, save_final
+from pipeline.model_file.load import read_metadata_or_none
+from pipeline.model_file.save import save_final
 from pipeline.reports import console as summary
 from pipeline.reports.history import start_history
 from pipeline.reports.report import write_missing_report, write_run_report
@@ -332,5 +333,5 @@ def finished_run(cfg: Config, newest: Checkpoint | None, phases: list[Phase]) ->
     """The newest checkpoint if training is done and the final model came from it."""
     if newest is None or advance(newest.state, phases) is not None:
         return None
-    meta = read_metadata(Path(cfg.model.save_path))
+    meta = read_metadata_or_none(Path(cfg.model.save_path))
     return newest if meta and meta.get("final_checkpoint") == newest.identity else None

@@ -122,17 +122,38 @@ def test_curves_and_confusion_matrix_are_real_pngs(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
-def test_model_file_reads_the_attribute_final_model_writes(tmp_path):
+def test_the_final_model_metadata_round_trips_through_the_one_reader(tmp_path):
+    import json
+
+    import h5py
     import keras
 
-    from pipeline.model_file import load as model_file
-    from pipeline.model_file import save as final_model
+    from pipeline.model_file.load import (
+        METADATA_ATTR,
+        ModelFileError,
+        metadata_path,
+        read_metadata,
+        read_metadata_or_none,
+        read_model_info,
+    )
+    from pipeline.model_file.save import save_final
 
-    assert model_file.METADATA_ATTR == final_model.METADATA_ATTR
     inputs = keras.Input((4, 4, 3))
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
     path = tmp_path / "final.h5"
-    final_model.save_final(model, path, {"class_names": ["cat", "dog"], "image_size": 4})
-    path.with_suffix(".json").unlink()  # read from inside the file, not from the copy beside it
-    info = model_file.read_model_info(path)
-    assert info.class_names == ["cat", "dog"] and info.image_size == 4
+    metadata = {"class_names": ["cat", "dog"], "image_size": 4, "final_checkpoint": "t_02@ab", "lineage": ["t_01@cd"]}
+    save_final(model, path, metadata)
+    assert json.loads(metadata_path(path).read_text()) == metadata  # the copy beside, for people
+    metadata_path(path).unlink()  # read from inside the file, not from the copy beside it
+    assert read_metadata(path) == read_metadata_or_none(path) == metadata
+    info = read_model_info(path)
+    assert (info.class_names, info.image_size, info.metadata) == (["cat", "dog"], 4, metadata)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.h5"]  # no temporaries left
+    # without the attribute (and no copy beside) the file is not a final model: the commands
+    # get an error naming it, training gets None
+    with h5py.File(path, "a") as f:
+        del f.attrs[METADATA_ATTR]
+    with pytest.raises(ModelFileError, match="final.h5 has no class names"):
+        read_metadata(path)
+    assert read_metadata_or_none(path) is None
+    assert read_metadata_or_none(tmp_path / "absent.h5") is None

@@ -239,7 +239,7 @@ def main(argv=None) -> int:
         if "checkpoint" in args.only:
             bench_checkpoint(config, work, args, results)
     if "check" in args.only:
-        from pipeline.data.image_check import report_check_speed
+        from pipeline.bench.check_speed import report_check_speed
 
         report_check_speed()
     say(f"bench done in {time.time() - started:.0f} s")

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline.atomic_file import fsync_dir, fsync_file, replaced, write_json
 from pipeline.config import CheckpointConfig
 
 SUFFIXES = {"keras": ".keras", "h5": ".h5", "weights_h5": ".weights.h5", "tf_checkpoint": ".ckpt"}
@@ -101,29 +102,6 @@ def _asked(variable: str, point: str) -> bool:
 
 
 # ---- writing -------------------------------------------------------------
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def sha256(path: Path) -> str:
@@ -224,7 +202,7 @@ def write_checkpoint_files(
             fsync_file(scratch / name_)
         # The intent record lets a later run remove files renamed into place
         # by a run killed before its manifest committed; nothing else is touched.
-        write_json_atomic(directory / (stem + PENDING), {"files": files})
+        write_json(directory / (stem + PENDING), {"files": files}, durable=True)
         digests = {}
         for name_ in files:
             digests[name_] = sha256(scratch / name_)
@@ -241,7 +219,7 @@ def write_checkpoint_files(
             "fingerprint": fingerprint,
             "created": time.time(),
         }
-        write_json_atomic(directory / (stem + MANIFEST), manifest)
+        write_json(directory / (stem + MANIFEST), manifest, durable=True)
         reach("after_manifest")
         (directory / (stem + PENDING)).unlink()
     except BaseException:
@@ -257,10 +235,8 @@ def write_checkpoint_files(
 def point_tf_checkpoint(directory: Path, stem: str) -> None:
     """Keep TensorFlow's `checkpoint` file naming the newest, for tf.train.latest_checkpoint."""
     text = f'model_checkpoint_path: "{stem}.ckpt"\nall_model_checkpoint_paths: "{stem}.ckpt"\n'
-    tmp = directory / f".checkpoint.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    fsync_file(tmp)
-    os.replace(tmp, directory / "checkpoint")
+    with replaced(directory / "checkpoint", durable=True) as tmp:
+        tmp.write_text(text)
 
 
 # ---- finding, pruning, archiving ----------------------------------------
@@ -285,7 +261,7 @@ def clean_leftovers(directory: Path) -> None:
         return
     for scratch in directory.glob(INCOMING + "*"):
         shutil.rmtree(scratch, ignore_errors=True)
-    for tmp in directory.glob(".*.tmp-*"):
+    for tmp in directory.glob(".*.tmp-*"):  # atomic_file's temporaries (manifest, intent record, `checkpoint`)
         tmp.unlink(missing_ok=True)
     for pending in directory.glob("*" + PENDING):
         stem = pending.name[: -len(PENDING)]

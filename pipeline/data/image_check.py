@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -30,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import PIL
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from pipeline.atomic_file import write_json
 from pipeline.config import DataConfig
 from pipeline.data.dataset import DataError, DataSet, Split, TooManyPixels, check_layout, decode_image
 
@@ -219,24 +219,15 @@ def load_cache(cache_path: Path) -> dict:
 
 
 def save_cache(cache_path: Path, entries: dict) -> None:
-    """Write the cache atomically (temp file + rename: a killed run leaves the old one whole).
+    """Write the cache atomically (a killed run leaves the old one whole).
 
     A folder we may not write to just goes without a cache.
     """
     body = {"version": [CACHE_VERSION, PIL.__version__], "entries": {p: e for p, e in entries.items() if e is not None}}
-    cache_path = Path(cache_path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=cache_path.name + ".", suffix=".tmp", dir=cache_path.parent)
-    except OSError:
-        print(f"note: {cache_path.parent} is not writable; image check results are not cached")
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(body, f)
-        os.replace(tmp, cache_path)
+        write_json(Path(cache_path), body, indent=None)  # one line: a large set's cache stays small
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        print(f"note: image check results not cached: {err}")
+        print(f"note: image check results not cached: cannot write in {Path(cache_path).parent} ({err.strerror})")
 
 
 def write_report(bad: dict[str, Verdict], report_dir: Path) -> Path | None:
@@ -278,34 +269,3 @@ def drop_images(data: DataSet, drop: set[str]) -> DataSet:
             "their accuracy is not measured"
         )
     return kept
-
-
-def measure_check_speed(
-    count: int = 1000, width: int = 160, height: int = 160, executor: str = "thread", workers: int | None = None
-) -> float:
-    """Images per second of a cold check (no cache) over `count` fresh width x height JPEGs.
-
-    The pictures are smooth gradients plus sensor-like noise at JPEG quality 90,
-    which decode at about the speed of photos of the same size.
-    """
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory(prefix="image-check-bench-") as tmp:
-        paths = []
-        for i in range(count):
-            ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
-            pixels = ramp * rng.random(3, dtype=np.float32) + rng.normal(0, 8, (height, width, 3))
-            path = os.path.join(tmp, f"{i:05d}.jpg")
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-            paths.append(path)
-        # The limit is the pictures' own size: none counts as broken, and the speed does not depend on it.
-        _, stats = scan_images(paths, width * height, None, workers, executor)
-    return count / stats.seconds
-
-
-def report_check_speed() -> None:
-    """Print the check's speed with threads and with processes (for `make bench`)."""
-    cores = os.cpu_count() or 1
-    for width, height in ((160, 160), (500, 375)):
-        for executor, workers in (("thread", 1), ("thread", cores), ("process", cores)):
-            rate = measure_check_speed(1000, width, height, executor, workers)
-            print(f"image check, {width}x{height} JPEG, {executor} pool of {workers}: {rate:,.0f} images/s", flush=True)

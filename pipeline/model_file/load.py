@@ -1,8 +1,9 @@
 """Opening a trained model with what is needed to use it: class names, image size, decoding settings.
 
-train.py saves the final model as .h5 with its metadata (final_model.py) as an
-HDF5 attribute and in a .json beside it. The metadata is read with h5py alone,
-before TensorFlow starts, so a wrong path or a foreign file fails in a second.
+train.py saves the final model as .h5 with its metadata (save.py) as an
+HDF5 attribute and in a .json beside it. The metadata is read here, for the
+commands and for training alike, with h5py alone, before TensorFlow starts, so
+a wrong path or a foreign file fails in a second.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ from pipeline.cli import CommandError
 LEGACY_INTERPOLATION = "bilinear"
 LEGACY_MAX_PIXELS = 89_478_485
 
-# The HDF5 attribute final_model.py writes the metadata into (defined here, where no TensorFlow is imported).
+# The HDF5 attribute save.py writes the metadata into (defined here, where no TensorFlow is imported).
 METADATA_ATTR = "pipeline_metadata"
 FINAL_MODEL_HINT = (
     "pass the final model that training saved (model.save_path, e.g. model/my_saved_InceptionV3_model.h5)"
 )
+
+
+def metadata_path(model_path: Path) -> Path:
+    """The JSON copy of the metadata beside the model file."""
+    return Path(model_path).with_suffix(".json")
 
 
 class ModelFileError(CommandError):
@@ -67,24 +73,39 @@ def read_model_info(path) -> ModelInfo:
 
 
 def read_metadata(path: Path) -> dict:
-    """Inside the file first; the .json beside it for a file whose attribute was stripped."""
+    """The metadata of a final model file: inside it first, the .json beside it for a file whose
+    attribute was stripped. Raises ModelFileError naming the file if neither holds valid JSON."""
     try:
         with h5py.File(path, "r") as f:
             stored = f.attrs.get(METADATA_ATTR)
     except OSError:
         raise ModelFileError(f"{path} is not a model file (not HDF5); {FINAL_MODEL_HINT}") from None
     if stored is None:
-        beside = path.with_suffix(".json")
+        beside = metadata_path(path)
         if not beside.is_file():
             raise ModelFileError(
                 f"{path} has no class names (no metadata inside it and no {beside.name} "
                 f"beside it), so it was not saved by this pipeline's training; {FINAL_MODEL_HINT}"
             )
-        stored = beside.read_text()
+        try:
+            stored = beside.read_text()
+        except OSError as err:
+            raise ModelFileError(f"{beside} cannot be read ({err.strerror}); {FINAL_MODEL_HINT}") from None
     try:
-        return json.loads(stored)
+        metadata = json.loads(stored)
     except ValueError:
         raise ModelFileError(f"{path}: its metadata is not valid JSON; {FINAL_MODEL_HINT}") from None
+    if not isinstance(metadata, dict):
+        raise ModelFileError(f"{path}: its metadata is not a JSON object; {FINAL_MODEL_HINT}")
+    return metadata
+
+
+def read_metadata_or_none(path: Path) -> dict | None:
+    """read_metadata, or None where the file is absent or unreadable (training asks whether its final save happened)."""
+    try:
+        return read_metadata(Path(path))
+    except ModelFileError:
+        return None
 
 
 def load_model(info: ModelInfo):

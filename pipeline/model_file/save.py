@@ -4,48 +4,30 @@
 save would destroy the previous model. We save to a temporary name beside it,
 add the metadata as an HDF5 attribute, fsync, and rename over the old file.
 A JSON copy of the metadata is written beside it for people and other tools.
+Reading it back is load.py's job (read_metadata), for training and the commands alike.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
 import keras
 
-from pipeline.checkpoints.store import fsync_dir, fsync_file, reach, write_json_atomic
-from pipeline.model_file.load import METADATA_ATTR  # one name for the attribute; model_file reads it without TensorFlow
-
-
-def metadata_path(model_path: Path) -> Path:
-    return Path(model_path).with_suffix(".json")
+from pipeline.atomic_file import remove_leftovers, replaced, write_json
+from pipeline.checkpoints.store import reach
+from pipeline.model_file.load import METADATA_ATTR, metadata_path
 
 
 def save_final(model: keras.Model, path: Path, metadata: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in path.parent.glob(f".{path.stem}.tmp-*.h5"):  # from a killed save
-        leftover.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.h5")
-    try:
+    for target in (path, metadata_path(path)):  # temporaries of a killed save
+        remove_leftovers(target)
+    with replaced(path, durable=True) as tmp:
         model.save(str(tmp), overwrite=True)
         with h5py.File(tmp, "a") as f:
             f.attrs[METADATA_ATTR] = json.dumps(metadata)
-        fsync_file(tmp)
-        reach("final_before_rename")
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    write_json_atomic(metadata_path(path), metadata)
-
-
-def read_metadata(path: Path) -> dict | None:
-    """The metadata stored inside a final model file, or None if absent or unreadable."""
-    try:
-        with h5py.File(path, "r") as f:
-            return json.loads(f.attrs[METADATA_ATTR])
-    except (OSError, KeyError, ValueError):
-        return None
+        reach("final_before_rename")  # the file is whole, the old model still in place
+    write_json(metadata_path(path), metadata, durable=True)

@@ -13,7 +13,6 @@ the job checkpoints and stops as a single run does.
 
 from __future__ import annotations
 
-import os
 import pickle
 import signal
 import subprocess
@@ -23,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic_file import replaced
 from pipeline.distribute.local_workers import die_with_parent
 
 
@@ -93,9 +93,8 @@ def train_in_child(request: Path, answer: Path) -> None:
         result = ("user_error", str(err))
     except Exception:  # everything else reaches the sweep with its traceback
         result = ("crash", traceback.format_exc())
-    partial = answer.with_suffix(".partial")
-    partial.write_bytes(pickle.dumps(result))
-    os.replace(partial, answer)
+    with replaced(answer) as partial:  # the parent reads no half-written answer if we die mid-write
+        partial.write_bytes(pickle.dumps(result))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pipeline.atomic_file import replaced, write_json
+
 RESULT = "result.json"
 SUMMARY = "summary.csv"
 COLUMNS = ("job", "overrides", "status", "monitor", "best", "last", "epochs", "seconds", "peak_mb", "model")
@@ -23,7 +25,8 @@ COLUMNS = ("job", "overrides", "status", "monitor", "best", "last", "epochs", "s
 
 def write_result(run_dir: Path, overrides: list[str], outcome: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RESULT).write_text(json.dumps({"overrides": overrides, **outcome}, indent=1))
+    # Atomic: the summary of a sweep interrupted mid-write must not meet half a file.
+    write_json(run_dir / RESULT, {"overrides": overrides, **outcome})
 
 
 def collect_results(sweep_dir: Path) -> list[dict]:
@@ -37,7 +40,7 @@ def collect_results(sweep_dir: Path) -> list[dict]:
 def write_summary(sweep_dir: Path) -> list[dict]:
     """summary.csv in the sweep folder, one row per job; printed as a table too."""
     rows = collect_results(sweep_dir)
-    with open(Path(sweep_dir) / SUMMARY, "w", newline="") as f:
+    with replaced(Path(sweep_dir) / SUMMARY) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

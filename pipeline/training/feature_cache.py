@@ -28,7 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.checkpoints.store import fsync_dir, fsync_file, reach, sha256
+from pipeline.atomic_file import fsync_dir, fsync_file
+from pipeline.checkpoints.store import reach, sha256
 from pipeline.config import DataConfig
 from pipeline.data.dataset import Batches, DataSet
 
@@ -148,10 +149,9 @@ def commit_entry(scratch: Path, folder: Path, key: dict) -> None:
     for name in ARRAYS:
         fsync_file(scratch / f"{name}.npy")
         digests[name] = sha256(scratch / f"{name}.npy")
-    with open(scratch / KEY_FILE, "w") as f:
-        json.dump({"key": key, "sha256": digests}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    # Inside the scratch folder no temporary name is needed: the folder's rename is the commit.
+    (scratch / KEY_FILE).write_text(json.dumps({"key": key, "sha256": digests}))
+    fsync_file(scratch / KEY_FILE)
     fsync_dir(scratch)
     reach("cache_before_rename")
     try:
