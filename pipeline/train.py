@@ -12,10 +12,10 @@ import keras
 import tensorflow as tf
 
 from pipeline.checkpoints.resume import plan_resume, restore_newest_usable
-from pipeline.checkpoints.store import Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints
+from pipeline.checkpoints.store import Checkpoint, TrainState, checkpoint_stem, list_checkpoints
 from pipeline.checkpoints.writer import CheckpointWriter, prune_and_announce
-from pipeline.config import Config, ConfigError, PhaseConfig
-from pipeline.data.dataset import DataError, DataSet, ensure_sample_data, read_dataset, validation_batches
+from pipeline.config import Config, PhaseConfig
+from pipeline.data.dataset import DataSet, ensure_sample_data, read_dataset, validation_batches
 from pipeline.data.image_check import check_images
 from pipeline.distribute.strategy import (
     distribute_batches,
@@ -25,25 +25,17 @@ from pipeline.distribute.strategy import (
     strategy_scope,
 )
 from pipeline.distribute.tf_config import WorkerRole, read_worker_role
-from pipeline.model import (
-    WeightsError,
-    build_model,
-    check_unfreeze_after,
-    compile_model,
-    resolve_unfreeze_after,
-    set_trainable,
-)
+from pipeline.errors import Preempted
+from pipeline.model import build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after, set_trainable
 from pipeline.model_file.save import read_metadata, save_final
 from pipeline.reports import console as summary
 from pipeline.reports.history import start_history
 from pipeline.reports.report import write_missing_report, write_run_report
-from pipeline.training.batch_saver import BatchSaver, Preempted, StopFlag
+from pipeline.training.batch_saver import BatchSaver, StopFlag
 from pipeline.training.cached_phase import Feed, check_cached_cut, make_feed
 from pipeline.training.first_step_timer import FirstStepTimer
 from pipeline.training.precision import set_precision
 
-# Errors whose message tells the user what to fix; the entry point prints them without a traceback.
-USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError)
 PHASE_ORDER = ("head", "finetune")
 
 

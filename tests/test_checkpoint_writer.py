@@ -22,17 +22,10 @@ from test_checkpoint import (
 )
 
 from pipeline.checkpoints import store as checkpoint
-from pipeline.checkpoints.store import (
-    CheckpointError,
-    TrainState,
-    checkpoint_stem,
-    clean_leftovers,
-    list_checkpoints,
-    restore,
-    verify,
-)
+from pipeline.checkpoints.store import TrainState, checkpoint_stem, clean_leftovers, list_checkpoints, restore, verify
 from pipeline.checkpoints.writer import CheckpointWriter
 from pipeline.config import CheckpointConfig
+from pipeline.errors import CheckpointError
 
 
 def submit(writer, model, epoch):

@@ -8,7 +8,8 @@ import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from pipeline.config import ConfigError, register_config, to_config
+from pipeline.config import register_config, to_config
+from pipeline.errors import ConfigError
 
 register_config()
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data.dataset import DataError, ensure_sample_data, read_dataset, train_batches, validation_batches
+from pipeline.data.dataset import ensure_sample_data, read_dataset, train_batches, validation_batches
+from pipeline.errors import DataError
 
 
 def config(root, **kw) -> DataConfig:

@@ -20,7 +20,7 @@ from conftest import run_args, run_cli
 from PIL import Image, ImageFile
 
 from pipeline.config import DataConfig
-from pipeline.data.dataset import DataError, decode_image, load_image, read_dataset
+from pipeline.data.dataset import decode_image, load_image, read_dataset
 from pipeline.data.image_check import (
     CACHE_NAME,
     REPORT_NAME,
@@ -30,6 +30,7 @@ from pipeline.data.image_check import (
     measure_check_speed,
     scan_images,
 )
+from pipeline.errors import DataError
 
 MAX_PIXELS = DataConfig.max_pixels
 BOMB_LIMIT = 90_000  # max_pixels in the tests: the bomb has more, every other image fewer

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data.dataset import DataError, read_dataset
+from pipeline.data.dataset import read_dataset
+from pipeline.errors import DataError
 
 
 def config(root, **kw) -> DataConfig:

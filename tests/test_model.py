@@ -10,9 +10,9 @@ import pytest
 from keras import layers
 
 from pipeline import model as model_module
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError, WeightsError
 from pipeline.model import (
-    WeightsError,
     base_of,
     build_model,
     check_unfreeze_after,

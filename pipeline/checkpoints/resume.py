@@ -13,7 +13,6 @@ from pathlib import Path
 
 from pipeline.checkpoints.store import (
     Checkpoint,
-    CheckpointError,
     TrainState,
     archive_all,
     clean_leftovers,
@@ -22,6 +21,7 @@ from pipeline.checkpoints.store import (
     restore,
     verify,
 )
+from pipeline.errors import CheckpointError
 
 
 @dataclass

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import CheckpointConfig
+from pipeline.errors import CheckpointError
 
 SUFFIXES = {"keras": ".keras", "h5": ".h5", "weights_h5": ".weights.h5", "tf_checkpoint": ".ckpt"}
 MANIFEST = ".manifest.json"
@@ -41,10 +42,6 @@ INCOMING = ".incoming-"
 # `.h5` full models are what the seed's users load, on purpose: Keras's "legacy
 # format" warning on every such save would only alarm them.
 logging.getLogger("absl").addFilter(lambda record: "considered legacy" not in record.getMessage())
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one is needed, or one from another run."""
 
 
 @dataclass

@@ -13,18 +13,14 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.cli import CommandError
 from pipeline.config import DataConfig
+from pipeline.errors import ModelFileError
 
 # The HDF5 attribute final_model.py writes the metadata into (defined here, where no TensorFlow is imported).
 METADATA_ATTR = "pipeline_metadata"
 FINAL_MODEL_HINT = (
     "pass the final model that training saved (model.save_path, e.g. model/my_saved_InceptionV3_model.h5)"
 )
-
-
-class ModelFileError(CommandError):
-    """A model path that cannot be used; the message names it."""
 
 
 @dataclass
