@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from pipeline.checkpoints.resume import plan_resume, restore_newest_usable
-from pipeline.checkpoints.store import Checkpoint, TrainState, checkpoint_stem, list_checkpoints
+from pipeline.checkpoints.store import Checkpoint, checkpoint_stem, list_checkpoints
 from pipeline.checkpoints.writer import CheckpointWriter, prune_and_announce
 from pipeline.config import Config, PhaseConfig
 from pipeline.data.dataset import DataSet, ensure_sample_data, read_dataset, validation_batches
@@ -31,6 +31,7 @@ from pipeline.model_file.save import read_metadata, save_final
 from pipeline.reports import console as summary
 from pipeline.reports.history import start_history
 from pipeline.reports.report import write_missing_report, write_run_report
+from pipeline.state import TrainState
 from pipeline.training.batch_saver import BatchSaver, StopFlag
 from pipeline.training.cached_phase import Feed, check_cached_cut, make_feed
 from pipeline.training.first_step_timer import FirstStepTimer

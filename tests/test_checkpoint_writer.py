@@ -22,10 +22,11 @@ from test_checkpoint import (
 )
 
 from pipeline.checkpoints import store as checkpoint
-from pipeline.checkpoints.store import TrainState, checkpoint_stem, clean_leftovers, list_checkpoints, restore, verify
+from pipeline.checkpoints.store import checkpoint_stem, clean_leftovers, list_checkpoints, restore, verify
 from pipeline.checkpoints.writer import CheckpointWriter
 from pipeline.config import CheckpointConfig
 from pipeline.errors import CheckpointError
+from pipeline.state import TrainState
 
 
 def submit(writer, model, epoch):
@@ -86,7 +87,7 @@ def test_a_full_disk_in_the_background_surfaces_as_the_same_error(tmp_path, monk
 KILLED_MID_WRITE = textwrap.dedent("""
     import sys
     from test_checkpoint import FINGERPRINT, X, Y, trained_model
-    from pipeline.checkpoints.store import TrainState
+    from pipeline.state import TrainState
     from pipeline.checkpoints.writer import CheckpointWriter
     from pipeline.config import CheckpointConfig
 

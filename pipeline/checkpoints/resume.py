@@ -13,7 +13,6 @@ from pathlib import Path
 
 from pipeline.checkpoints.store import (
     Checkpoint,
-    TrainState,
     archive_all,
     clean_leftovers,
     fingerprint_differences,
@@ -22,6 +21,7 @@ from pipeline.checkpoints.store import (
     verify,
 )
 from pipeline.errors import CheckpointError
+from pipeline.state import TrainState
 
 
 @dataclass
