@@ -84,12 +84,11 @@ def main(cfg: DictConfig):
 
 
 def launch_local_workers(config, run_dir: Path) -> dict:
-    """Check the data once here (so workers do not race to write the sample set), then run the workers."""
-    from pipeline.data.dataset import ensure_sample_data, read_dataset
-    from pipeline.data.image_check import check_images
+    """Prepare the data here, before the workers start, so they do not race to write the sample set
+    (each worker's own prepare_data then finds it, and the image check's verdicts cached); then run them."""
+    from pipeline.data.prepare import prepare_data
 
-    ensure_sample_data(config.data)
-    check_images(read_dataset(config.data), config.data, run_dir)
+    prepare_data(config.data, run_dir)
     return run_local_workers(
         config.distribute.local_workers,
         list(HydraConfig.get().overrides.task),
