@@ -1,8 +1,9 @@
 """`python -m pipeline [overrides]`: compose the config, validate it, hand off to train.run.
 
 Errors a user can fix (a bad key, a broken folder, missing weights, foreign
-checkpoints) end with one message naming the culprit and exit code 2, no
-traceback; HYDRA_FULL_ERROR=1 shows the traceback for debugging.
+checkpoints; pipeline/errors.py lists them) end with one message naming the
+culprit and exit code 2, no traceback; HYDRA_FULL_ERROR=1 shows the traceback
+for debugging.
 """
 
 import os
@@ -18,11 +19,12 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pipeline.config import ConfigError, register_config, run_name, to_config  # noqa: E402
-from pipeline.distribute.local_workers import WorkerFailed, run_local_workers  # noqa: E402
+from pipeline.config import register_config, run_name, to_config  # noqa: E402
+from pipeline.distribute.local_workers import run_local_workers  # noqa: E402
 from pipeline.distribute.tf_config import check_tf_config  # noqa: E402
+from pipeline.errors import ConfigError, WorkerFailed, is_preemption, is_user_error  # noqa: E402
 from pipeline.quiet import import_tensorflow_quietly  # noqa: E402
-from pipeline.sweep.job_process import JobPreempted, JobUserError, run_in_child  # noqa: E402
+from pipeline.sweep.job_process import run_in_child  # noqa: E402
 from pipeline.sweep.memory import peak_memory_mb, reset_peak_memory  # noqa: E402
 from pipeline.sweep.results import write_result  # noqa: E402
 
@@ -73,7 +75,7 @@ def main(cfg: DictConfig):
         print(f"error: {err}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # One bad job must not end the sweep: it is recorded, the others run,
-            # and the summary at the end exits non-zero (pipeline/sweep.py).
+            # and the summary at the end exits non-zero (pipeline/sweep/results.py).
             record_result({"status": f"error: {err}"})
             return float("nan")
         if isinstance(err, ConfigError):
@@ -82,12 +84,11 @@ def main(cfg: DictConfig):
 
 
 def launch_local_workers(config, run_dir: Path) -> dict:
-    """Check the data once here (so workers do not race to write the sample set), then run the workers."""
-    from pipeline.data.dataset import ensure_sample_data, read_dataset
-    from pipeline.data.image_check import check_images
+    """Prepare the data here, before the workers start, so they do not race to write the sample set
+    (each worker's own prepare_data then finds it, and the image check's verdicts cached); then run them."""
+    from pipeline.data.prepare import prepare_data
 
-    ensure_sample_data(config.data)
-    check_images(read_dataset(config.data), config.data, run_dir)
+    prepare_data(config.data, run_dir)
     return run_local_workers(
         config.distribute.local_workers,
         list(HydraConfig.get().overrides.task),
@@ -138,26 +139,6 @@ def give_sweep_job_its_own_paths(config) -> None:
     config.checkpoint.dir = str(Path(config.checkpoint.dir) / job)
     save_path = Path(config.model.save_path)
     config.model.save_path = str(save_path.parent / job / save_path.name)
-
-
-def is_preemption(err: Exception) -> bool:
-    if isinstance(err, JobPreempted):
-        return True
-    if "tensorflow" not in sys.modules:  # the only source of Preempted never started
-        return False
-    from pipeline.training.batch_saver import Preempted
-
-    return isinstance(err, Preempted)
-
-
-def is_user_error(err: Exception) -> bool:
-    if isinstance(err, (ConfigError, JobUserError)):
-        return True
-    if "tensorflow" not in sys.modules:
-        return False
-    from pipeline.train import USER_ERRORS
-
-    return isinstance(err, USER_ERRORS)
 
 
 if __name__ == "__main__":

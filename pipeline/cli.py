@@ -11,12 +11,10 @@ import os
 import sys
 from collections.abc import Callable
 
+from pipeline.errors import CommandError
+
 # TensorFlow's C++ start-up chatter hides the messages that matter.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-class CommandError(ValueError):
-    """Bad input to a command; the message names the file or folder."""
 
 
 def run_command(body: Callable[[], int]) -> None:

@@ -23,9 +23,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, Container, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key."""
+from pipeline.errors import ConfigError
 
 
 @dataclass

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli import CommandError, run_command, start_tensorflow
+from pipeline.cli import run_command, start_tensorflow
+from pipeline.errors import CommandError
 from pipeline.model_file.load import ModelInfo, load_model, read_model_info
 
 OUT = Path("evaluation")

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from pipeline.atomic_file import replaced
-from pipeline.cli import CommandError, run_command, start_tensorflow
+from pipeline.cli import run_command, start_tensorflow
+from pipeline.errors import CommandError
 from pipeline.model_file.load import ModelInfo, load_model, read_model_info
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli import CommandError
-from pipeline.data.dataset import INDEXED_EXTENSIONS, DataError, check_link_cycles, load_image
+from pipeline.data.dataset import INDEXED_EXTENSIONS, check_link_cycles, load_image
+from pipeline.errors import CommandError, DataError
 
 CHUNK = 32  # images decoded and predicted together
 

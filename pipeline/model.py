@@ -13,7 +13,8 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError, WeightsError
 
 BASE_NAME = "inception_v3"
 # Keras's own download location and file for the no-top ImageNet weights.
@@ -26,10 +27,6 @@ IMAGENET_URL = os.environ.get(
 )
 IMAGENET_HASH = "bcbd6486424b2319ff4ef7d526e38f63"
 DOWNLOAD_TIMEOUT_S = 20
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights that cannot be had; the message says what to do."""
 
 
 def build_model(cfg: ModelConfig, n_classes: int, image_size: int) -> keras.Model:

@@ -16,7 +16,8 @@ import csv
 import sys
 from pathlib import Path
 
-from pipeline.cli import CommandError, run_command, start_tensorflow
+from pipeline.cli import run_command, start_tensorflow
+from pipeline.errors import CommandError
 from pipeline.model_file.load import load_model, read_model_info
 
 

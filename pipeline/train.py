@@ -1,4 +1,4 @@
-"""The stages in order: data -> model -> resume plan -> head phase -> fine-tune phase -> final save."""
+"""The stages in order: data -> model -> resume plan -> head phase -> fine-tune phase -> final save -> report."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from pipeline.checkpoints.resume import plan_resume, restore_newest_usable
-from pipeline.checkpoints.store import Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints
+from pipeline.checkpoints.resume import ResumePlan, plan_resume, restore_newest_usable
+from pipeline.checkpoints.store import Checkpoint, checkpoint_stem, list_checkpoints
 from pipeline.checkpoints.writer import CheckpointWriter, prune_and_announce
-from pipeline.config import Config, ConfigError, PhaseConfig
-from pipeline.data.dataset import DataError, DataSet, ensure_sample_data, read_dataset, validation_batches
-from pipeline.data.image_check import check_images
+from pipeline.config import Config, PhaseConfig
+from pipeline.data.dataset import DataSet, validation_batches
+from pipeline.data.prepare import prepare_data
 from pipeline.distribute.strategy import (
     distribute_batches,
     make_strategy,
@@ -25,26 +25,19 @@ from pipeline.distribute.strategy import (
     strategy_scope,
 )
 from pipeline.distribute.tf_config import WorkerRole, read_worker_role
-from pipeline.model import (
-    WeightsError,
-    build_model,
-    check_unfreeze_after,
-    compile_model,
-    resolve_unfreeze_after,
-    set_trainable,
-)
+from pipeline.errors import Preempted
+from pipeline.model import build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after, set_trainable
 from pipeline.model_file.load import read_metadata_or_none
 from pipeline.model_file.save import save_final
 from pipeline.reports import console as summary
 from pipeline.reports.history import start_history
 from pipeline.reports.report import write_missing_report, write_run_report
-from pipeline.training.batch_saver import BatchSaver, Preempted, StopFlag
+from pipeline.state import TrainState
+from pipeline.training.batch_saver import BatchSaver, StopFlag
 from pipeline.training.cached_phase import Feed, check_cached_cut, make_feed
 from pipeline.training.first_step_timer import FirstStepTimer
 from pipeline.training.precision import set_precision
 
-# Errors whose message tells the user what to fix; the entry point prints them without a traceback.
-USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError)
 PHASE_ORDER = ("head", "finetune")
 
 
@@ -62,16 +55,22 @@ class Session:
     data: DataSet
     model: keras.Model
     fingerprint: dict
-    writer: CheckpointWriter
     # Where checkpoints and the final model are written: `cfg` itself, except on a
     # non-chief worker of a multi-worker run, whose copies go to a scratch folder.
-    out: Config
+    outputs: Config
+    writer: CheckpointWriter | None = None
     strategy: tf.distribute.Strategy | None = None
     state: TrainState = field(default_factory=TrainState)
     last_logs: dict = field(default_factory=dict)
     stop: StopFlag = field(default_factory=StopFlag)
     feed: Feed | None = None  # what the current phase's fit() runs on (cached_phase.py)
     callbacks: list = field(default_factory=list)  # per-epoch records (history.py), passed to every fit
+
+    @property
+    def checkpoints(self) -> CheckpointWriter:
+        """The checkpoint writer, which restore_or_start makes before any epoch runs."""
+        assert self.writer is not None, "restore_or_start makes the writer before training"
+        return self.writer
 
     @property
     def pretrained(self) -> bool:
@@ -81,7 +80,7 @@ class Session:
     def unfreeze_after(self) -> str | None:
         return resolve_unfreeze_after(self.cfg.train.finetune.unfreeze_after, self.pretrained)
 
-    def prepare(self, state: TrainState) -> keras.Model:
+    def compile_for_phase(self, state: TrainState) -> keras.Model:
         """Set trainable layers and compile for `state.phase`.
 
         By the state's own phase, even one now configured with 0 epochs: the
@@ -158,71 +157,88 @@ def run(cfg: Config, resume: bool | None = None, report_dir: Path = Path("output
     strategy = make_strategy(cfg.distribute)
     role = read_worker_role() if cfg.distribute.strategy == "multi_worker" else WorkerRole()
     with scratch_folder(role) as scratch, strategy_scope(strategy):
-        out = cfg
+        outputs = cfg
         if strategy:  # every worker must save in step with the others: no background writer
-            out = replace(out, checkpoint=replace(out.checkpoint, asynchronous=False))
+            outputs = replace(outputs, checkpoint=replace(outputs.checkpoint, asynchronous=False))
         if scratch is None:
-            return train_and_save(cfg, out, resume, report_dir, strategy)
-        out = replace(
-            out,
-            checkpoint=replace(out.checkpoint, dir=f"{scratch}/ckpt"),
-            model=replace(out.model, save_path=f"{scratch}/model.h5"),
+            return train_and_save(cfg, outputs, resume, report_dir, strategy)
+        outputs = replace(
+            outputs,
+            checkpoint=replace(outputs.checkpoint, dir=f"{scratch}/ckpt"),
+            model=replace(outputs.model, save_path=f"{scratch}/model.h5"),
         )
-        return train_and_save(cfg, out, resume, Path(scratch), strategy, read_only=True)
+        return train_and_save(cfg, outputs, resume, Path(scratch), strategy, read_only=True)
 
 
 def train_and_save(
     cfg: Config,
-    out: Config,
+    outputs: Config,
     resume: bool | None,
     report_dir: Path,
     strategy: tf.distribute.Strategy | None,
     read_only: bool = False,
 ) -> dict:
-    """The stages in order, reading checkpoints from cfg's paths and writing to out's."""
+    """The stages in order, reading checkpoints from cfg's paths and writing to outputs'."""
     started = time.time()
-    ensure_sample_data(cfg.data)
-    # Every image decoded now, in seconds, rather than failing hours into the run.
-    data = check_images(read_dataset(cfg.data), cfg.data, report_dir)
-    # Built before anything in checkpoint.dir is touched, so weights that cannot
-    # be had stop the run with every folder as it was.
-    model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
-    check_unfreeze_after(model, cfg.train.finetune.unfreeze_after)
-    check_cached_cut(model, cfg)
-    fingerprint = make_fingerprint(cfg, data)
-    if strategy:
-        prepare_model_for_strategy(model, strategy, validation_batches(data, cfg.data))
-    plan = plan_resume(Path(cfg.checkpoint.dir), fingerprint, resume, read_only)
+    data = prepare_data(cfg.data, report_dir)
+    model = build_checked_model(cfg, data, strategy)
+    session = Session(cfg, data, model, make_fingerprint(cfg, data), outputs, strategy=strategy)
     phases = plan_phases(cfg)
-    done = finished_run(cfg, plan.candidates[0] if plan.candidates else None, phases)
+    plan = plan_resume(Path(cfg.checkpoint.dir), session.fingerprint, resume, read_only)
+    done = finished_run(cfg, plan, phases)
     if done:
-        print(
-            f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
-            f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh)."
-        )
-        write_missing_report(report_dir, cfg, data, done.state, done.manifest.get("logs", {}))
-        return summary.outcome(
-            cfg, done.state, done.manifest.get("logs", {}), time.time() - started, "already complete"
-        )
-    writer = CheckpointWriter(out.checkpoint, fingerprint, model, prune_and_announce(out.checkpoint))
-    session = Session(cfg, data, model, fingerprint, writer, out, strategy)
-    restored = restore_newest_usable(plan, session.prepare)
-    if restored:
-        session.state = restored.state
-        session.state.lineage = session.state.lineage + [restored.stem]
-        session.last_logs = restored.manifest.get("logs", {})
-    else:
-        session.state = TrainState(phase=phases[0].name)
+        return report_already_complete(cfg, data, done, report_dir, started)
+    restored = restore_or_start(session, plan, phases)
     # history.csv and TensorBoard drop what was trained after the restored checkpoint.
     session.callbacks = start_history(report_dir, lambda: session.state, restored.stem if restored else None)
     summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
-    save_final(model, Path(out.model.save_path), final_metadata(session))
-    feed = session.feed
-    write_run_report(
-        report_dir, out, data, model, session.state, session.last_logs, (feed.model, feed.validation) if feed else None
+    save_final(model, Path(outputs.model.save_path), final_metadata(session))
+    write_report(session, report_dir)
+    return summary.print_closing(outputs, session.state, session.last_logs, time.time() - started)
+
+
+def build_checked_model(cfg: Config, data: DataSet, strategy: tf.distribute.Strategy | None) -> keras.Model:
+    """The model, with the settings that name its layers checked against it.
+
+    Built before anything in checkpoint.dir is touched, so weights that cannot
+    be had stop the run with every folder as it was.
+    """
+    model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
+    check_unfreeze_after(model, cfg.train.finetune.unfreeze_after)
+    check_cached_cut(model, cfg)
+    if strategy:
+        prepare_model_for_strategy(model, strategy, validation_batches(data, cfg.data))
+    return model
+
+
+def report_already_complete(cfg: Config, data: DataSet, done: Checkpoint, report_dir: Path, started: float) -> dict:
+    """A rerun of a finished run: say so, write the report if it is missing, train nothing."""
+    print(
+        f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
+        f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh)."
     )
-    return summary.print_closing(out, session.state, session.last_logs, time.time() - started)
+    logs = done.manifest.get("logs", {})
+    write_missing_report(report_dir, cfg, data, done.state, logs)
+    return summary.outcome(cfg, done.state, logs, time.time() - started, "already complete")
+
+
+def restore_or_start(session: Session, plan: ResumePlan, phases: list[Phase]) -> Checkpoint | None:
+    """Restore the newest usable checkpoint into the session, or start at the first phase; the one restored."""
+    outputs = session.outputs
+    # Made before the restore, where a fresh run makes it too: building it draws from
+    # Keras's seed generators, and a fresh and a resumed run must draw alike (checkpoints/writer.py).
+    session.writer = CheckpointWriter(
+        outputs.checkpoint, session.fingerprint, session.model, prune_and_announce(outputs.checkpoint)
+    )
+    restored = restore_newest_usable(plan, session.compile_for_phase)
+    if restored is None:
+        session.state = TrainState(phase=phases[0].name)
+        return None
+    session.state = restored.state
+    session.state.lineage = session.state.lineage + [restored.stem]
+    session.last_logs = restored.manifest.get("logs", {})
+    return restored
 
 
 def train_phases(session: Session, phases: list[Phase], compiled_for: str | None) -> None:
@@ -234,7 +250,7 @@ def train_phases(session: Session, phases: list[Phase], compiled_for: str | None
     try:
         while (phase := advance(session.state, phases)) is not None:
             if compiled_for != phase.name:
-                session.prepare(session.state)
+                session.compile_for_phase(session.state)
                 compiled_for = phase.name
             if session.feed is None or session.feed.phase != phase.name:
                 first_epoch = session.state.epoch - session.state.phase_epoch
@@ -249,7 +265,7 @@ def train_phases(session: Session, phases: list[Phase], compiled_for: str | None
     finally:
         session.stop.uninstall()
         # The last checkpoint commits (or its error surfaces) before the final save and exit.
-        session.writer.wait()
+        session.checkpoints.wait()
 
 
 def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
@@ -294,13 +310,13 @@ def write_checkpoint(session: Session, logs: dict) -> str:
     (checkpoint_writer.py); the writer prunes old ones and prints the
     `checkpoint:` line once this one has committed.
     """
-    cfg, state = session.out, session.state
-    session.writer.wait()  # the previous one committed: its name is taken, its error raised here
+    cfg, state = session.outputs, session.state
+    session.checkpoints.wait()  # the previous one committed: its name is taken, its error raised here
     stem = checkpoint_stem(cfg.checkpoint, state, logs)
     value = logs.get(cfg.checkpoint.monitor)
     if monitor_improved(cfg, value, state.best):
         state.best, state.best_stem = value, stem
-    session.writer.submit(session.model, stem, state, logs, background=not session.stop.raised)
+    session.checkpoints.submit(session.model, stem, state, logs, background=not session.stop.raised)
     return stem
 
 
@@ -316,7 +332,7 @@ def monitor_improved(cfg: Config, value: float | None, best: float | None) -> bo
 
 
 def final_metadata(session: Session) -> dict:
-    cfg, state = session.out, session.state
+    cfg, state = session.outputs, session.state
     found = list_checkpoints(Path(cfg.checkpoint.dir))
     return {
         "class_names": session.data.class_names,
@@ -329,8 +345,23 @@ def final_metadata(session: Session) -> dict:
     }
 
 
-def finished_run(cfg: Config, newest: Checkpoint | None, phases: list[Phase]) -> Checkpoint | None:
+def write_report(session: Session, report_dir: Path) -> None:
+    """report.md and its figures, scored the way the last phase validated (cached features or images)."""
+    feed = session.feed
+    write_run_report(
+        report_dir,
+        session.outputs,
+        session.data,
+        session.model,
+        session.state,
+        session.last_logs,
+        (feed.model, feed.validation) if feed else None,
+    )
+
+
+def finished_run(cfg: Config, plan: ResumePlan, phases: list[Phase]) -> Checkpoint | None:
     """The newest checkpoint if training is done and the final model came from it."""
+    newest = plan.candidates[0] if plan.candidates else None
     if newest is None or advance(newest.state, phases) is not None:
         return None
     meta = read_metadata_or_none(Path(cfg.model.save_path))

@@ -14,7 +14,6 @@ from pipeline.checkpoints.store import (
     MANIFEST,
     PENDING,
     SUFFIXES,
-    TrainState,
     archive_all,
     checkpoint_stem,
     clean_leftovers,
@@ -25,6 +24,7 @@ from pipeline.checkpoints.store import (
     verify,
 )
 from pipeline.model import build_model, compile_model, set_trainable
+from pipeline.state import TrainState
 
 X = np.random.default_rng(0).uniform(0, 255, (8, 75, 75, 3)).astype("float32")
 Y = np.eye(3, dtype="float32")[np.arange(8) % 3]

@@ -22,16 +22,10 @@ from test_checkpoint import (
 )
 
 from pipeline.checkpoints import store as checkpoint
-from pipeline.checkpoints.store import (
-    CheckpointError,
-    TrainState,
-    checkpoint_stem,
-    clean_leftovers,
-    list_checkpoints,
-    restore,
-    verify,
-)
+from pipeline.checkpoints.store import checkpoint_stem, clean_leftovers, list_checkpoints, restore, verify
 from pipeline.checkpoints.writer import CheckpointWriter
+from pipeline.errors import CheckpointError
+from pipeline.state import TrainState
 
 
 def submit(writer, model, epoch):
@@ -95,7 +89,7 @@ KILLED_MID_WRITE = textwrap.dedent("""
     import sys
     from conftest import from_conf
     from test_checkpoint import FINGERPRINT, X, Y, trained_model
-    from pipeline.checkpoints.store import TrainState
+    from pipeline.state import TrainState
     from pipeline.checkpoints.writer import CheckpointWriter
 
     model = trained_model()

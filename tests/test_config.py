@@ -8,13 +8,14 @@ import re
 import shutil
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import MISSING
 
 from pipeline import config as schema
-from pipeline.config import ConfigError, register_config, to_config
+from pipeline.config import register_config, to_config
 from pipeline.defaults import compose_config
+from pipeline.errors import ConfigError
 
 register_config()
 
@@ -232,3 +233,13 @@ def test_speed_keys_default_to_off():
 def test_speed_keys_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         to_config(hydra_compose(*overrides))
+
+
+def test_help_says_what_it_is_the_two_commands_and_the_groups():
+    result = run_cli("--help", cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "powered by Hydra" not in result.stdout
+    assert "fine-tunes InceptionV3" in result.stdout
+    assert "make train" in result.stdout and "make test" in result.stdout
+    assert "distribute: mirrored, multi_worker, none" in result.stdout  # $APP_CONFIG_GROUPS, filled in
+    assert "README.md" in result.stdout and "docs/" in result.stdout

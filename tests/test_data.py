@@ -9,7 +9,8 @@ import pytest
 from conftest import from_conf
 
 from pipeline.config import DataConfig
-from pipeline.data.dataset import DataError, ensure_sample_data, read_dataset, train_batches, validation_batches
+from pipeline.data.dataset import ensure_sample_data, read_dataset, train_batches, validation_batches
+from pipeline.errors import DataError
 
 
 def config(root, **kw) -> DataConfig:

@@ -16,10 +16,11 @@ import pytest
 from conftest import REPO, SMOKE, cli_env, from_conf, run_args, run_cli
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from pipeline.config import ConfigError, imply_multi_worker, validate_distribute
+from pipeline.config import imply_multi_worker, validate_distribute
 from pipeline.data.dataset import read_dataset, train_batches
 from pipeline.distribute.local_workers import quote
 from pipeline.distribute.tf_config import check_tf_config, read_worker_role
+from pipeline.errors import ConfigError
 
 
 def tf_config(index, workers=2, task_type="worker"):

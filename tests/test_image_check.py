@@ -21,7 +21,7 @@ from PIL import Image, ImageFile
 
 from pipeline.bench.check_speed import measure_check_speed
 from pipeline.config import DataConfig
-from pipeline.data.dataset import DataError, decode_image, load_image, read_dataset
+from pipeline.data.dataset import decode_image, load_image, read_dataset
 from pipeline.data.image_check import (
     CACHE_NAME,
     REPORT_NAME,
@@ -30,6 +30,7 @@ from pipeline.data.image_check import (
     describe,
     scan_images,
 )
+from pipeline.errors import DataError
 
 DEFAULTS = from_conf("data")
 MAX_PIXELS = DEFAULTS.max_pixels

@@ -10,7 +10,8 @@ import pytest
 from conftest import from_conf
 
 from pipeline.config import DataConfig
-from pipeline.data.dataset import DataError, read_dataset
+from pipeline.data.dataset import read_dataset
+from pipeline.errors import DataError
 
 
 def config(root, **kw) -> DataConfig:

@@ -11,9 +11,8 @@ from conftest import from_conf
 from keras import layers
 
 from pipeline import model as model_module
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError, WeightsError
 from pipeline.model import (
-    WeightsError,
     base_of,
     build_model,
     check_unfreeze_after,

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.checkpoints.store import TrainState
 from pipeline.reports.history import HISTORY, TENSORBOARD, read_history, start_history
 from pipeline.reports.metrics import accuracy, class_scores, confusion_matrix, format_confusion, format_scores
 from pipeline.reports.plots import draw_confusion, draw_curves
+from pipeline.state import TrainState
 
 
 def assert_real_png(path, min_size=(200, 200)):

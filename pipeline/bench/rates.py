@@ -12,11 +12,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline.checkpoints.store import TrainState
 from pipeline.checkpoints.writer import CheckpointWriter
 from pipeline.config import Config, DataConfig
 from pipeline.data.dataset import Batches, read_dataset, train_batches
 from pipeline.model import build_model, compile_model, set_trainable
+from pipeline.state import TrainState
 from pipeline.training.cached_phase import share_compilation, split_at
 from pipeline.training.precision import set_precision
 

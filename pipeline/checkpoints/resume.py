@@ -13,8 +13,6 @@ from pathlib import Path
 
 from pipeline.checkpoints.store import (
     Checkpoint,
-    CheckpointError,
-    TrainState,
     archive_all,
     clean_leftovers,
     fingerprint_differences,
@@ -22,6 +20,8 @@ from pipeline.checkpoints.store import (
     restore,
     verify,
 )
+from pipeline.errors import CheckpointError
+from pipeline.state import TrainState
 
 
 @dataclass
@@ -68,10 +68,10 @@ def plan_resume(directory: Path, fingerprint: dict, resume: bool | None, read_on
     return ResumePlan(list(reversed(checkpoints)), "resuming")
 
 
-def restore_newest_usable(plan: ResumePlan, prepare: Callable[[TrainState], object]) -> Checkpoint | None:
+def restore_newest_usable(plan: ResumePlan, compile_for_phase: Callable[[TrainState], object]) -> Checkpoint | None:
     """Restore the newest checkpoint that verifies and loads; warn about each that does not.
 
-    `prepare(state)` readies the model for the checkpoint's phase (trainable
+    `compile_for_phase(state)` readies the model for the checkpoint's phase (trainable
     layers and optimizer) and returns it. Raises if checkpoints exist but none
     is usable: a run never silently starts from scratch over committed work.
     """
@@ -80,7 +80,7 @@ def restore_newest_usable(plan: ResumePlan, prepare: Callable[[TrainState], obje
         reason = verify(ckpt)
         if reason is None:
             try:
-                restore(prepare(ckpt.state), ckpt)
+                restore(compile_for_phase(ckpt.state), ckpt)
                 return ckpt
             except Exception as err:  # any loader error means: try the previous one
                 reason = f"cannot be loaded: {err}"

@@ -21,7 +21,7 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
@@ -30,6 +30,8 @@ import tensorflow as tf
 
 from pipeline.atomic_file import fsync_dir, fsync_file, replaced, write_json
 from pipeline.config import CheckpointConfig
+from pipeline.errors import CheckpointError
+from pipeline.state import TrainState
 
 SUFFIXES = {"keras": ".keras", "h5": ".h5", "weights_h5": ".weights.h5", "tf_checkpoint": ".ckpt"}
 MANIFEST = ".manifest.json"
@@ -42,23 +44,6 @@ INCOMING = ".incoming-"
 # `.h5` full models are what the seed's users load, on purpose: Keras's "legacy
 # format" warning on every such save would only alarm them.
 logging.getLogger("absl").addFilter(lambda record: "considered legacy" not in record.getMessage())
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one is needed, or one from another run."""
-
-
-@dataclass
-class TrainState:
-    """Where training stands: enough to continue exactly where it stopped."""
-
-    phase: str = "head"  # the phase the next step belongs to
-    phase_epoch: int = 0  # epochs of that phase completed
-    epoch: int = 0  # epochs completed over all phases (names the files)
-    batch: int = 0  # batches of the next epoch already trained
-    best: float | None = None
-    best_stem: str | None = None
-    lineage: list = field(default_factory=list)  # checkpoints each resume started from
 
 
 @dataclass

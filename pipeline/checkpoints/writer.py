@@ -24,8 +24,9 @@ from pathlib import Path
 
 import keras
 
-from pipeline.checkpoints.store import Checkpoint, TrainState, prune, save_checkpoint, seed_generators
+from pipeline.checkpoints.store import Checkpoint, prune, save_checkpoint, seed_generators
 from pipeline.config import CheckpointConfig
+from pipeline.state import TrainState
 
 
 class CheckpointWriter:

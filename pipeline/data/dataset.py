@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 
 from pipeline.config import DataConfig
 from pipeline.data.sample_data import has_images, write_sample_data
+from pipeline.errors import DataError, TooManyPixels
 
 # An explicit TypeAlias, so mypy accepts it in annotations (TensorFlow has no stubs: to mypy it is Any).
 ImageDataGenerator: TypeAlias = tf.keras.preprocessing.image.ImageDataGenerator
@@ -58,18 +59,6 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # Greyscale wider than 8 bits (16-bit PNG and TIFF; Pillow may open them as "I"),
 # taken as 0-65535. Pillow's convert() would clip every level above 255 to white.
 WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
-
-
-class DataError(ValueError):
-    """A data folder that cannot be trained on; the message names it."""
-
-
-class TooManyPixels(ValueError):
-    """An image whose header declares more pixels than data.max_pixels."""
-
-    def __init__(self, width: int, height: int, max_pixels: int):
-        self.pixels = width * height
-        super().__init__(f"{width}x{height} = {self.pixels:,} pixels, more than data.max_pixels={max_pixels:,}")
 
 
 @dataclass

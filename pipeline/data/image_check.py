@@ -33,7 +33,8 @@ from PIL import UnidentifiedImageError
 
 from pipeline.atomic_file import write_json
 from pipeline.config import DataConfig
-from pipeline.data.dataset import DataError, DataSet, Split, TooManyPixels, check_layout, decode_image
+from pipeline.data.dataset import DataSet, Split, check_layout, decode_image
+from pipeline.errors import DataError, TooManyPixels
 
 EMPTY, TRUNCATED, NOT_AN_IMAGE = "empty", "truncated", "not an image"
 UNREADABLE, TOO_MANY_PIXELS, CANNOT_DECODE = "unreadable", "too many pixels", "cannot decode"

@@ -24,17 +24,11 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from pipeline.errors import WorkerFailed
+
 # Set by the entry point for the children: paths a sweep job derived for itself.
 FIXED_KEYS = ("checkpoint.dir=", "model.save_path=", "hydra.run.dir=", "hydra.output_subdir=")
 GRACE_SECONDS = 15
-
-
-class WorkerFailed(RuntimeError):
-    """A worker process ended with a non-zero code; `exit_code` is the one to end with."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def free_ports(count: int) -> list[int]:

@@ -10,7 +10,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from pipeline.config import ConfigError, DistributeConfig
+from pipeline.config import DistributeConfig
+from pipeline.errors import ConfigError
 
 
 @dataclass

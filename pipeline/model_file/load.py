@@ -14,7 +14,7 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.cli import CommandError
+from pipeline.errors import ModelFileError
 
 # What a model file saved before its metadata recorded the data config was trained and checked
 # with: fixed history, deliberately not conf/'s current values, which may change without
@@ -34,10 +34,6 @@ FINAL_MODEL_HINT = (
 def metadata_path(model_path: Path) -> Path:
     """The JSON copy of the metadata beside the model file."""
     return Path(model_path).with_suffix(".json")
-
-
-class ModelFileError(CommandError):
-    """A model path that cannot be used; the message names it."""
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.checkpoints.store import TrainState
 from pipeline.config import Config
+from pipeline.state import TrainState
 
 
 def print_startup(cfg: Config, data, phases, reason: str, restored, unfreeze_after) -> None:

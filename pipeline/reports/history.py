@@ -24,7 +24,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from pipeline.atomic_file import replaced
-from pipeline.checkpoints.store import TrainState
+from pipeline.state import TrainState
 
 HISTORY = "history.csv"
 TENSORBOARD = "tensorboard"

@@ -18,7 +18,6 @@ import keras
 import numpy as np
 
 from pipeline.atomic_file import replaced
-from pipeline.checkpoints.store import TrainState
 from pipeline.config import Config
 from pipeline.data.dataset import DataSet, validation_batches
 from pipeline.inference import predict_batch
@@ -26,6 +25,7 @@ from pipeline.model import resolve_unfreeze_after
 from pipeline.reports.history import HISTORY, TENSORBOARD, read_history
 from pipeline.reports.metrics import CORNER, accuracy, class_scores, confusion_matrix
 from pipeline.reports.plots import draw_confusion, draw_curves
+from pipeline.state import TrainState
 
 REPORT = "report.md"
 CURVES = "curves.png"

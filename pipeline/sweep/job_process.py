@@ -24,14 +24,7 @@ from typing import Any
 
 from pipeline.atomic_file import replaced
 from pipeline.distribute.local_workers import die_with_parent
-
-
-class JobUserError(ValueError):
-    """The job stopped on an error the user can fix (its message says how)."""
-
-
-class JobPreempted(RuntimeError):
-    """The job checkpointed and stopped on SIGTERM."""
+from pipeline.errors import JobPreempted, JobUserError
 
 
 def run_in_child(config, resume: bool | None, run_dir: Path) -> dict:
@@ -81,8 +74,8 @@ def train_in_child(request: Path, answer: Path) -> None:
 
     config, resume, run_dir = pickle.loads(request.read_bytes())
     import_tensorflow_quietly()
-    from pipeline.train import USER_ERRORS, run
-    from pipeline.training.batch_saver import Preempted
+    from pipeline.errors import USER_ERRORS, Preempted
+    from pipeline.train import run
 
     result: tuple[str, dict | str]
     try:

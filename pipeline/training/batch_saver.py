@@ -12,9 +12,7 @@ from collections.abc import Callable
 
 import keras
 
-
-class Preempted(RuntimeError):
-    """Training stopped on SIGTERM after a checkpoint was committed."""
+from pipeline.errors import Preempted
 
 
 class StopFlag:

@@ -18,8 +18,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.data.dataset import DataSet, train_batches, validation_batches
+from pipeline.errors import ConfigError
 from pipeline.model import base_of, resolve_unfreeze_after
 from pipeline.training.feature_cache import (
     Features,
