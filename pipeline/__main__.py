@@ -73,7 +73,7 @@ def main(cfg: DictConfig):
         print(f"error: {err}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # One bad job must not end the sweep: it is recorded, the others run,
-            # and the summary at the end exits non-zero (pipeline/sweep.py).
+            # and the summary at the end exits non-zero (pipeline/sweep/results.py).
             record_result({"status": f"error: {err}"})
             return float("nan")
         if isinstance(err, ConfigError):
