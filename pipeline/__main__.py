@@ -22,6 +22,7 @@ from pipeline.config import ConfigError, register_config, run_name, to_config  #
 from pipeline.distribute.local_workers import WorkerFailed, run_local_workers  # noqa: E402
 from pipeline.distribute.tf_config import check_tf_config  # noqa: E402
 from pipeline.quiet import import_tensorflow_quietly  # noqa: E402
+from pipeline.run_names import adopt_folder_named_with_epochs  # noqa: E402
 from pipeline.sweep.job_process import JobPreempted, JobUserError, run_in_child  # noqa: E402
 from pipeline.sweep.memory import peak_memory_mb, reset_peak_memory  # noqa: E402
 from pipeline.sweep.results import write_result  # noqa: E402
@@ -129,13 +130,16 @@ def give_sweep_job_its_own_paths(config) -> None:
 
     The name is the job's overrides (Hydra's override_dirname), not the clock,
     so jobs never share files and a rerun of the sweep finds each job's own
-    checkpoints. A single run keeps ckpt/ and model/ as configured.
+    checkpoints, also with more epochs (they are not part of the name). A
+    single run keeps ckpt/ and model/ as configured.
     """
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return
     job = run_name(hydra_cfg.job.override_dirname)
     config.checkpoint.dir = str(Path(config.checkpoint.dir) / job)
+    if note := adopt_folder_named_with_epochs(Path(config.checkpoint.dir)):
+        print(f"note: {note}")
     save_path = Path(config.model.save_path)
     config.model.save_path = str(save_path.parent / job / save_path.name)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.run_names import run_name
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
@@ -102,11 +104,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
-
-
-def run_name(override_dirname: str) -> str:
-    """A folder name for a run from its overrides: one path level, never empty."""
-    return override_dirname.replace("/", "_") or "default"
 
 
 def register_config() -> None:
