@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from pipeline.checkpoints.lock import CheckpointInUse, lock_for_run  # noqa: E402
 from pipeline.config import ConfigError, register_config, run_name, to_config  # noqa: E402
 from pipeline.distribute.local_workers import WorkerFailed, run_local_workers  # noqa: E402
 from pipeline.distribute.tf_config import check_tf_config  # noqa: E402
@@ -43,23 +44,11 @@ def main(cfg: DictConfig):
         resume = parse_resume(cfg.get("resume"))
         config, notes = to_config(cfg)
         give_sweep_job_its_own_paths(config)
-        record_run_config(cfg)
-        for note in notes:
-            print(f"note: {note}")
         check_tf_config(config.distribute)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        reset_peak_memory()
-        if HydraConfig.get().mode == RunMode.MULTIRUN and not config.distribute.local_workers:
-            outcome = run_in_child(config, resume, run_dir)  # job_process.py: why a child per job
-        else:
-            import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
-            if config.distribute.local_workers and not os.environ.get("TF_CONFIG"):
-                outcome = launch_local_workers(config, run_dir)
-            else:
-                from pipeline.train import run
-
-                outcome = run(config, resume, run_dir)
-        record_result({"peak_mb": peak_memory_mb(), **outcome})  # a launcher reports its chief's
+        # Before anything in checkpoint.dir or the run's folder is cleaned or truncated (lock.py).
+        with lock_for_run(config):
+            outcome = run_training(cfg, config, notes, resume)
+            record_result({"peak_mb": peak_memory_mb(), **outcome})  # a launcher reports its chief's
         # What Hydra's sweepers (Optuna) optimise: the best monitored value.
         return outcome["best"] if outcome["best"] is not None else float("nan")
     except WorkerFailed as err:
@@ -80,6 +69,23 @@ def main(cfg: DictConfig):
         if isinstance(err, ConfigError):
             remove_empty_run_dir()
         sys.exit(2)
+
+
+def run_training(cfg: DictConfig, config, notes: list[str], resume: bool | None) -> dict:
+    """Record the config, then train here, in a child process (a sweep job) or in local workers."""
+    record_run_config(cfg)
+    for note in notes:
+        print(f"note: {note}")
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    reset_peak_memory()
+    if HydraConfig.get().mode == RunMode.MULTIRUN and not config.distribute.local_workers:
+        return run_in_child(config, resume, run_dir)  # job_process.py: why a child per job
+    import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
+    if config.distribute.local_workers and not os.environ.get("TF_CONFIG"):
+        return launch_local_workers(config, run_dir)
+    from pipeline.train import run
+
+    return run(config, resume, run_dir)
 
 
 def launch_local_workers(config, run_dir: Path) -> dict:
@@ -155,7 +161,7 @@ def is_preemption(err: Exception) -> bool:
 
 
 def is_user_error(err: Exception) -> bool:
-    if isinstance(err, (ConfigError, JobUserError)):
+    if isinstance(err, (ConfigError, JobUserError, CheckpointInUse)):
         return True
     if "tensorflow" not in sys.modules:
         return False

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline.checkpoints.lock import LOCK_FILE
 from pipeline.config import CheckpointConfig
 
 SUFFIXES = {"keras": ".keras", "h5": ".h5", "weights_h5": ".weights.h5", "tf_checkpoint": ".ckpt"}
@@ -313,7 +314,9 @@ def prune(directory: Path, keep_last: int, best_stem: str | None) -> None:
 def archive_all(directory: Path) -> Path | None:
     """Move everything in `directory` into archive/<time>/ (for +resume=false); delete nothing."""
     directory = Path(directory)
-    entries = [p for p in directory.iterdir() if p.name not in (ARCHIVE, ".gitkeep")] if directory.is_dir() else []
+    # The lock stays: a process opening the moved file would hold a lock no one else checks.
+    keep = (ARCHIVE, ".gitkeep", LOCK_FILE)
+    entries = [p for p in directory.iterdir() if p.name not in keep] if directory.is_dir() else []
     if not entries:
         return None
     target = directory / ARCHIVE / time.strftime("%Y%m%d-%H%M%S")
