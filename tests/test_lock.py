@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -11,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, run_args, run_cli
+from conftest import REPO, cli_env, run_args, run_cli, sweep_args
 
 from pipeline.checkpoints.lock import LOCK_FILE, CheckpointInUse, hold_lock, lock_for_run
-from pipeline.config import Config
+from pipeline.config import Config, run_name
 
 # Holds the lock of argv[1] until killed; with argv[2], first asks a child to take it as its parent's.
 HOLDER = """
@@ -157,3 +158,21 @@ def test_a_second_run_on_the_same_checkpoints_is_refused_and_a_killed_runs_lock_
     assert fourth.returncode == 0, fourth.stdout + fourth.stderr
     assert "This run is already complete" in fourth.stdout
     assert not lock.exists()
+
+
+@pytest.mark.e2e
+def test_a_sweep_job_locks_its_own_folder_and_is_recorded_when_it_is_held(tmp_path, tiny_data):
+    """An orphaned job of an earlier sweep still holds ckpt/<job>/: this sweep's job is refused
+    before it starts TensorFlow, recorded as failed, and the sweep exits 2."""
+    job = run_name(",".join(sorted([f"data.dir={tiny_data}", "experiment=smoke", "model.dropout=0.3"])))
+    holder = start_holder(tmp_path / "ckpt" / job)
+    try:
+        result = run_cli("-m", *sweep_args(tmp_path, tiny_data, "model.dropout=0.3"), cwd=REPO, timeout=300)
+    finally:
+        kill_9(holder)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"in use by process {holder.pid}" in result.stderr and "1 of 1 jobs failed" in result.stderr
+    assert "Traceback" not in result.stderr and "head epoch" not in result.stdout
+    with open(tmp_path / "multirun" / "summary.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert row["job"] == job and row["status"].startswith(f"error: checkpoint folder {tmp_path / 'ckpt' / job}")
