@@ -19,11 +19,13 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from pipeline.checkpoints.lock import lock_for_run  # noqa: E402
 from pipeline.config import register_config, run_name, to_config  # noqa: E402
 from pipeline.distribute.local_workers import run_local_workers  # noqa: E402
 from pipeline.distribute.tf_config import check_tf_config  # noqa: E402
 from pipeline.errors import ConfigError, WorkerFailed, is_preemption, is_user_error  # noqa: E402
 from pipeline.quiet import import_tensorflow_quietly  # noqa: E402
+from pipeline.run_names import adopt_folder_named_with_epochs  # noqa: E402
 from pipeline.sweep.job_process import run_in_child  # noqa: E402
 from pipeline.sweep.memory import peak_memory_mb, reset_peak_memory  # noqa: E402
 from pipeline.sweep.results import write_result  # noqa: E402
@@ -44,23 +46,11 @@ def main(cfg: DictConfig):
         resume = parse_resume(cfg.get("resume"))
         config, notes = to_config(cfg)
         give_sweep_job_its_own_paths(config)
-        record_run_config(cfg)
-        for note in notes:
-            print(f"note: {note}")
         check_tf_config(config.distribute)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        reset_peak_memory()
-        if HydraConfig.get().mode == RunMode.MULTIRUN and not config.distribute.local_workers:
-            outcome = run_in_child(config, resume, run_dir)  # job_process.py: why a child per job
-        else:
-            import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
-            if config.distribute.local_workers and not os.environ.get("TF_CONFIG"):
-                outcome = launch_local_workers(config, run_dir)
-            else:
-                from pipeline.train import run
-
-                outcome = run(config, resume, run_dir)
-        record_result({"peak_mb": peak_memory_mb(), **outcome})  # a launcher reports its chief's
+        # Before anything in checkpoint.dir or the run's folder is cleaned or truncated (lock.py).
+        with lock_for_run(config):
+            outcome = run_training(cfg, config, notes, resume)
+            record_result({"peak_mb": peak_memory_mb(), **outcome})  # a launcher reports its chief's
         # What Hydra's sweepers (Optuna) optimise: the best monitored value.
         return outcome["best"] if outcome["best"] is not None else float("nan")
     except WorkerFailed as err:
@@ -81,6 +71,23 @@ def main(cfg: DictConfig):
         if isinstance(err, ConfigError):
             remove_empty_run_dir()
         sys.exit(2)
+
+
+def run_training(cfg: DictConfig, config, notes: list[str], resume: bool | None) -> dict:
+    """Record the config, then train here, in a child process (a sweep job) or in local workers."""
+    record_run_config(cfg)
+    for note in notes:
+        print(f"note: {note}")
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    reset_peak_memory()
+    if HydraConfig.get().mode == RunMode.MULTIRUN and not config.distribute.local_workers:
+        return run_in_child(config, resume, run_dir)  # job_process.py: why a child per job
+    import_tensorflow_quietly()  # only once the config is known good: bad input fails in a second
+    if config.distribute.local_workers and not os.environ.get("TF_CONFIG"):
+        return launch_local_workers(config, run_dir)
+    from pipeline.train import run
+
+    return run(config, resume, run_dir)
 
 
 def launch_local_workers(config, run_dir: Path) -> dict:
@@ -130,13 +137,16 @@ def give_sweep_job_its_own_paths(config) -> None:
 
     The name is the job's overrides (Hydra's override_dirname), not the clock,
     so jobs never share files and a rerun of the sweep finds each job's own
-    checkpoints. A single run keeps ckpt/ and model/ as configured.
+    checkpoints, also with more epochs (they are not part of the name). A
+    single run keeps ckpt/ and model/ as configured.
     """
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return
     job = run_name(hydra_cfg.job.override_dirname)
     config.checkpoint.dir = str(Path(config.checkpoint.dir) / job)
+    if note := adopt_folder_named_with_epochs(Path(config.checkpoint.dir)):
+        print(f"note: {note}")
     save_path = Path(config.model.save_path)
     config.model.save_path = str(save_path.parent / job / save_path.name)
 

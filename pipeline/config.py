@@ -24,6 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, Container, DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
+from pipeline.run_names import run_name
 
 
 @dataclass
@@ -123,11 +124,6 @@ class Config:
     train: TrainConfig = MISSING
     checkpoint: CheckpointConfig = MISSING
     distribute: DistributeConfig = MISSING
-
-
-def run_name(override_dirname: str) -> str:
-    """A folder name for a run from its overrides: one path level, never empty."""
-    return override_dirname.replace("/", "_") or "default"
 
 
 def register_config() -> None:

@@ -36,6 +36,10 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one is needed, or one from another run."""
 
 
+class CheckpointInUse(RuntimeError):
+    """Another live process holds the checkpoint folder's lock (checkpoints/lock.py)."""
+
+
 class CommandError(ValueError):
     """Bad input to a stand-alone command (predict, evaluate, export); the message names the file or folder."""
 
@@ -74,7 +78,14 @@ class WorkerFailed(RuntimeError):
 # sweep job's child reports as a user error rather than a crash. TooManyPixels
 # never reaches it (the image check turns it into a verdict); CommandError is
 # the stand-alone commands' own (cli.run_command).
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, WeightsError, CheckpointError, JobUserError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DataError,
+    WeightsError,
+    CheckpointError,
+    CheckpointInUse,
+    JobUserError,
+)
 PREEMPTIONS: tuple[type[Exception], ...] = (Preempted, JobPreempted)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,6 +190,33 @@ def test_multirun_jobs_never_share_checkpoints_or_models(tmp_path, tiny_data):
     assert again.returncode == 0 and again.stdout.count("This run is already complete") == 2
     with open(tmp_path / "multirun" / "summary.csv") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["already complete"] * 2
+
+
+def test_a_long_named_sweep_job_resumes_when_its_epochs_are_raised(tmp_path, tiny_data):
+    """A long data path with an Optuna-like float: the job folders stay within 255 bytes (Errno 36
+    before); raising the epochs resumes the job in the same folders (a fresh start before); and an
+    earlier sweep's failed job left in multirun/ does not fail this sweep (exit 2 before)."""
+    data = tmp_path / ("photos-of-shapes-" + "resized-" * 16)
+    shutil.copytree(tiny_data, data)
+    earlier = tmp_path / "multirun" / "model.dropout=1.5"
+    earlier.mkdir(parents=True)
+    (earlier / "result.json").write_text(
+        json.dumps({"overrides": ["model.dropout=1.5"], "status": "error: model.dropout=1.5 must be in [0, 1)"})
+    )
+    args = sweep_args(tmp_path, data, "train.finetune.epochs=0", "model.dropout=0.4753571532049581")
+    first = run_cli("-m", *args, cwd=REPO)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (job,) = (tmp_path / "ckpt").iterdir()
+    assert len(job.name.encode()) <= 255 and "model.dropout=0.4754" in job.name and "epochs" not in job.name
+
+    again = run_cli("-m", *args, "train.head.epochs=2", cwd=REPO)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resume: from checkpoint transfer_01" in again.stdout
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [job.name]
+    assert (tmp_path / "model" / job.name / "final.h5").is_file()
+    with open(tmp_path / "multirun" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["status"], r["epochs"]) for r in rows] == [(job.name, "trained", "2")]
 
 
 def test_optuna_search_runs_trials_and_names_the_best(tmp_path, tiny_data):

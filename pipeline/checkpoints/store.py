@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.atomic_file import fsync_dir, fsync_file, replaced, write_json
+from pipeline.checkpoints.lock import LOCK_FILE
 from pipeline.config import CheckpointConfig
 from pipeline.errors import CheckpointError
 from pipeline.state import TrainState
@@ -276,7 +277,9 @@ def prune(directory: Path, keep_last: int, best_stem: str | None) -> None:
 def archive_all(directory: Path) -> Path | None:
     """Move everything in `directory` into archive/<time>/ (for +resume=false); delete nothing."""
     directory = Path(directory)
-    entries = [p for p in directory.iterdir() if p.name not in (ARCHIVE, ".gitkeep")] if directory.is_dir() else []
+    # The lock stays: a process opening the moved file would hold a lock no one else checks.
+    keep = (ARCHIVE, ".gitkeep", LOCK_FILE)
+    entries = [p for p in directory.iterdir() if p.name not in keep] if directory.is_dir() else []
     if not entries:
         return None
     target = directory / ARCHIVE / time.strftime("%Y%m%d-%H%M%S")
