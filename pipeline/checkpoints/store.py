@@ -47,6 +47,11 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one is needed, or one from another run."""
 
 
+class IncompatibleCheckpoint(CheckpointError):
+    """A checkpoint whose files verify but whose optimizer state does not fit this run's model:
+    a setting changed (optimizer, schedule, trainable layers, precision), not damage."""
+
+
 @dataclass
 class TrainState:
     """Where training stands: enough to continue exactly where it stopped."""
@@ -367,25 +372,16 @@ def restore(model: keras.Model, ckpt: Checkpoint) -> None:
 def restore_optimizer(model: keras.Model, values: list) -> None:
     variables = model.optimizer.variables
     if len(variables) != len(values):
-        raise CheckpointError(
-            f"optimizer state has {len(values)} variables, the model's optimizer "
-            f"{len(variables)}: the checkpoint was made with other trainable layers"
+        raise IncompatibleCheckpoint(
+            f"its optimizer state has {len(values)} variables, this run's optimizer "
+            f"{len(variables)}: it was made with another optimizer, schedule, precision or other trainable layers"
         )
     for var, value in zip(variables, values, strict=True):
         # The learning rate comes from the configuration, so a user may change it on resume.
         if var.path.endswith("learning_rate"):
             continue
         if tuple(var.shape) != value.shape:
-            raise CheckpointError(
+            raise IncompatibleCheckpoint(
                 f"optimizer variable {var.path} has shape {tuple(var.shape)}, the checkpoint {value.shape}"
             )
         var.assign(value)
-
-
-def fingerprint_differences(saved: dict, current: dict) -> list[str]:
-    """Readable lines for every compatibility key that changed."""
-    return [
-        f"{key}: checkpoints have {saved.get(key)!r}, this run has {current.get(key)!r}"
-        for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
-    ]

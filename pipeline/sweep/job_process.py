@@ -34,7 +34,7 @@ class JobPreempted(RuntimeError):
     """The job checkpointed and stopped on SIGTERM."""
 
 
-def run_in_child(config, resume: bool | None, run_dir: Path) -> dict:
+def run_in_child(config, resume: bool | str | None, run_dir: Path) -> dict:
     """train.run(config, resume, run_dir) in a fresh `python -m pipeline.sweep.job_process`; its outcome,
     or its error re-raised here.
 
