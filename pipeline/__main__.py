@@ -34,10 +34,15 @@ register_config()
 
 
 def parse_resume(value):
-    """`+resume=true|false` adds the key; absent means resume by itself when possible."""
-    if value is None or isinstance(value, bool):
+    """`+resume=true|false|anyway` adds the key; absent means resume by itself when possible.
+
+    `anyway` continues from a checkpoint made on data that has changed since (resume.py).
+    """
+    if value is None or isinstance(value, bool) or value == "anyway":
         return value
-    raise ConfigError(f"resume={value!r} must be true or false (spelled +resume=true / +resume=false)")
+    raise ConfigError(
+        f"resume={value!r} must be true, false or anyway (spelled +resume=true / +resume=false / +resume=anyway)"
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

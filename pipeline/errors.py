@@ -36,6 +36,11 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one is needed, or one from another run."""
 
 
+class IncompatibleCheckpoint(CheckpointError):
+    """A checkpoint whose files verify but whose optimizer state does not fit this run's model:
+    a setting changed (optimizer, schedule, trainable layers, precision), not damage."""
+
+
 class CheckpointInUse(RuntimeError):
     """Another live process holds the checkpoint folder's lock (checkpoints/lock.py)."""
 

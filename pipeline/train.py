@@ -11,11 +11,12 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from pipeline.checkpoints.fingerprint import files_digest, save_file_list
 from pipeline.checkpoints.resume import ResumePlan, plan_resume, restore_newest_usable
 from pipeline.checkpoints.store import Checkpoint, checkpoint_stem, list_checkpoints
 from pipeline.checkpoints.writer import CheckpointWriter, prune_and_announce
 from pipeline.config import Config, PhaseConfig
-from pipeline.data.dataset import DataSet, validation_batches
+from pipeline.data.dataset import DataSet, file_list, validation_batches
 from pipeline.data.prepare import prepare_data
 from pipeline.distribute.strategy import (
     distribute_batches,
@@ -39,6 +40,16 @@ from pipeline.training.first_step_timer import FirstStepTimer
 from pipeline.training.precision import set_precision
 
 PHASE_ORDER = ("head", "finetune")
+# ImageDataGenerator's settings (data.<key>): they decide every augmented view a run trains on.
+AUGMENTATION = (
+    "rotation_range",
+    "width_shift_range",
+    "height_shift_range",
+    "shear_range",
+    "zoom_range",
+    "horizontal_flip",
+    "fill_mode",
+)
 
 
 @dataclass
@@ -133,21 +144,45 @@ def advance(state: TrainState, phases: list[Phase]) -> Phase | None:
     return None
 
 
-def make_fingerprint(cfg: Config, data: DataSet) -> dict:
-    """What must match for a checkpoint to continue this run (not the epochs, which may grow)."""
+def make_fingerprint(cfg: Config, data: DataSet, files: dict | None = None) -> dict:
+    """What must match for a checkpoint to continue this run (compared in checkpoints/fingerprint.py).
+
+    The settings that shape the run, by config key, and the data by a digest of
+    `files` (file_list: paths relative to data.dir, sizes, classes), so a moved
+    folder resumes and a relabelled one does not. Not the epochs (raise them to
+    train longer), the learning rates, nor settings of speed or checkpointing.
+    """
+    d, t = cfg.data, cfg.train
+    files = files if files is not None else file_list(data, Path(d.dir))
+    held_out = not (Path(d.dir) / "validation").is_dir()  # as read_dataset decides
+    unfreeze_after = resolve_unfreeze_after(t.finetune.unfreeze_after, cfg.model.weights is not None)
     return {
         "architecture": "InceptionV3+GAP+dropout+dense",
         "classes": data.class_names,
-        "image_size": cfg.data.image_size,
+        "image_size": d.image_size,
         "dropout": cfg.model.dropout,
         "pretrained": cfg.model.weights is not None,
-        "data_dir": str(Path(cfg.data.dir).resolve()),
         "train_images": len(data.train.filepaths),
         "validation_images": len(data.validation.filepaths),
+        "data": files_digest(files),
+        # A mid-epoch checkpoint counts batches: another size would skip other images.
+        "data.batch_size": d.batch_size,
+        "data.interpolation": d.interpolation,
+        "data.validation_split": d.validation_split if held_out else None,  # unused beside a validation/ folder
+        **{f"data.{key}": getattr(d, key) for key in AUGMENTATION},
+        "train.seed": t.seed,
+        "train.precision": t.precision,
+        # Per phase, compared only for a checkpoint in that phase: its optimizer state must load.
+        **{
+            f"train.{name}.{key}": getattr(getattr(t, name), key)
+            for name in PHASE_ORDER
+            for key in ("optimizer", "schedule")
+        },
+        "train.finetune.unfreeze_after": unfreeze_after or "none",
     }
 
 
-def run(cfg: Config, resume: bool | None = None, report_dir: Path = Path("outputs/default")) -> dict:
+def run(cfg: Config, resume: bool | str | None = None, report_dir: Path = Path("outputs/default")) -> dict:
     """Train (or continue training) and save the final model; return the closing summary.
 
     `report_dir` is the run's output folder (Hydra's), for reports such as the bad-image list.
@@ -173,7 +208,7 @@ def run(cfg: Config, resume: bool | None = None, report_dir: Path = Path("output
 def train_and_save(
     cfg: Config,
     outputs: Config,
-    resume: bool | None,
+    resume: bool | str | None,
     report_dir: Path,
     strategy: tf.distribute.Strategy | None,
     read_only: bool = False,
@@ -182,12 +217,14 @@ def train_and_save(
     started = time.time()
     data = prepare_data(cfg.data, report_dir)
     model = build_checked_model(cfg, data, strategy)
-    session = Session(cfg, data, model, make_fingerprint(cfg, data), outputs, strategy=strategy)
+    files = file_list(data, Path(cfg.data.dir))
+    session = Session(cfg, data, model, make_fingerprint(cfg, data, files), outputs, strategy=strategy)
     phases = plan_phases(cfg)
-    plan = plan_resume(Path(cfg.checkpoint.dir), session.fingerprint, resume, read_only)
+    plan = plan_resume(Path(cfg.checkpoint.dir), session.fingerprint, resume, read_only, files)
     done = finished_run(cfg, plan, phases)
     if done:
         return report_already_complete(cfg, data, done, report_dir, started)
+    save_file_list(Path(outputs.checkpoint.dir), files)  # what a later refusal compares the data with
     restored = restore_or_start(session, plan, phases)
     # history.csv and TensorBoard drop what was trained after the restored checkpoint.
     session.callbacks = start_history(report_dir, lambda: session.state, restored.stem if restored else None)
@@ -236,7 +273,12 @@ def restore_or_start(session: Session, plan: ResumePlan, phases: list[Phase]) ->
         session.state = TrainState(phase=phases[0].name)
         return None
     session.state = restored.state
-    session.state.lineage = session.state.lineage + [restored.stem]
+    start = f"{restored.stem} ({plan.overridden})" if plan.overridden else restored.stem
+    session.state.lineage = session.state.lineage + [start]
+    if plan.overridden and session.state.batch:
+        # A position inside an epoch means nothing in the changed data's shuffle: that epoch starts over.
+        print(f"note: epoch {session.state.epoch + 1} starts over on the changed data", flush=True)
+        session.state.batch = 0
     session.last_logs = restored.manifest.get("logs", {})
     return restored
 

@@ -118,7 +118,7 @@ def test_changed_configuration_is_refused_and_nothing_touched(finished, tiny_dat
     before = sorted(p.name for p in (tmp / "ckpt").iterdir())
     result = run_cli(*run_args(tmp, tiny_data, "data.image_size=80"), cwd=REPO)
     assert result.returncode == 2
-    assert "image_size: checkpoints have 75, this run has 80" in result.stderr
+    assert "data.image_size 75 -> 80" in result.stderr
     assert "+resume=false" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in (tmp / "ckpt").iterdir()) == before
 

@@ -171,4 +171,5 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, tiny_data
     manifests = list((tmp_path / "ckpt").glob("*.manifest.json"))
     assert len(manifests) == 1 and manifests[0].name.startswith("transfer_01-")
     listed = json.loads(manifests[0].read_text())["files"]
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted([manifests[0].name, *listed])
+    data_list = [p.name for p in (tmp_path / "ckpt").glob("data-*.json")]  # the data's file list (fingerprint.py)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted([manifests[0].name, *listed, *data_list])

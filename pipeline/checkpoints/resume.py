@@ -2,7 +2,8 @@
 
 The checkpoint folder is fixed by the configuration, so the same command finds
 its own checkpoints again and resumes with no flag. `+resume=true` insists on a
-checkpoint; `+resume=false` moves the old ones aside and starts afresh.
+checkpoint; `+resume=false` moves the old ones aside and starts afresh;
+`+resume=anyway` continues from a checkpoint made on data that has changed since.
 """
 
 from __future__ import annotations
@@ -11,28 +12,41 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.checkpoints.fingerprint import (
+    DATA_KEYS,
+    data_refusal,
+    describe_data_change,
+    differences,
+    settings_refusal,
+)
 from pipeline.checkpoints.store import (
     Checkpoint,
     archive_all,
     clean_leftovers,
-    fingerprint_differences,
     list_checkpoints,
     restore,
     verify,
 )
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, IncompatibleCheckpoint
 from pipeline.state import TrainState
+
+ANYWAY = "anyway"  # +resume=anyway
 
 
 @dataclass
 class ResumePlan:
     candidates: list[Checkpoint] = field(default_factory=list)  # newest first
     reason: str = ""
+    overridden: str = ""  # what +resume=anyway passed over, for the model's lineage
 
 
-def plan_resume(directory: Path, fingerprint: dict, resume: bool | None, read_only: bool = False) -> ResumePlan:
-    """Which checkpoints to try, newest first; refuse those of another configuration.
+def plan_resume(
+    directory: Path, fingerprint: dict, resume: bool | str | None, read_only: bool = False, files: dict | None = None
+) -> ResumePlan:
+    """Which checkpoints to try, newest first; refuse if the newest is of another configuration.
 
+    The newest checkpoint is the one a resume continues, so its fingerprint
+    decides. `files` (the data's file list) names the files that changed.
     `read_only` (a non-chief worker) changes nothing in `directory`: the chief
     archives and cleans it, and committed checkpoints are all a reader trusts.
     """
@@ -51,21 +65,28 @@ def plan_resume(directory: Path, fingerprint: dict, resume: bool | None, read_on
                 f"Run without +resume=true to start, or set checkpoint.dir to the run's folder."
             )
         return ResumePlan([], f"starting fresh: no checkpoints in {directory}")
-    changed = sorted(
-        {
-            line
-            for ckpt in checkpoints
-            for line in fingerprint_differences(ckpt.manifest.get("fingerprint", {}), fingerprint)
-        }
-    )
-    if changed:
-        raise CheckpointError(
-            f"the checkpoints in {directory} were made with another configuration:\n  "
-            + "\n  ".join(changed)
-            + f"\nNothing was changed. To start afresh (old checkpoints are moved to {directory}/archive/): "
-            "+resume=false. To keep both runs: checkpoint.dir=<another folder>."
-        )
-    return ResumePlan(list(reversed(checkpoints)), "resuming")
+    newest = checkpoints[-1]
+    changed = changes(newest, fingerprint)
+    settings = {key: values for key, values in changed.items() if key not in DATA_KEYS}
+    if settings:
+        raise CheckpointError(settings_refusal(directory, settings))
+    overridden = ""
+    if changed:  # the data only
+        what = describe_data_change(directory, newest.manifest.get("fingerprint", {}), fingerprint, files)
+        if resume != ANYWAY:
+            raise CheckpointError(data_refusal(directory, what))
+        overridden = f"+resume=anyway over changed data: {what}"
+        print(f"warning: {overridden}", flush=True)
+    # Older checkpoints are fallbacks only where they fit too: after a +resume=anyway,
+    # those made on the earlier data are not, unless +resume=anyway is given again.
+    fitting = [
+        ckpt for ckpt in checkpoints if all(key in DATA_KEYS and resume == ANYWAY for key in changes(ckpt, fingerprint))
+    ]
+    return ResumePlan(list(reversed(fitting)), "resuming", overridden)
+
+
+def changes(ckpt: Checkpoint, fingerprint: dict) -> dict[str, tuple]:
+    return differences(ckpt.manifest.get("fingerprint", {}), fingerprint, ckpt.state.phase)
 
 
 def restore_newest_usable(plan: ResumePlan, compile_for_phase: Callable[[TrainState], object]) -> Checkpoint | None:
@@ -82,7 +103,16 @@ def restore_newest_usable(plan: ResumePlan, compile_for_phase: Callable[[TrainSt
             try:
                 restore(compile_for_phase(ckpt.state), ckpt)
                 return ckpt
-            except Exception as err:  # any loader error means: try the previous one
+            except IncompatibleCheckpoint as err:
+                # Its files verified: a setting changed that this checkpoint's fingerprint does not
+                # record (one written before the optimizer was in it). An older one is no answer.
+                raise CheckpointError(
+                    f"checkpoint {ckpt.stem} does not fit this run: {err}. Nothing was changed. Set "
+                    "train.<phase>.optimizer, schedule, unfreeze_after and train.precision back to continue; "
+                    f"+resume=false to start afresh (the checkpoints move to {ckpt.path.parent}/archive/); "
+                    "or checkpoint.dir=<another folder> to keep both runs"
+                ) from err
+            except Exception as err:  # any other loader error means damage: try the previous one
                 reason = f"cannot be loaded: {err}"
         print(f"warning: skipping checkpoint {ckpt.stem}: {reason}")
         problems.append(f"{ckpt.stem}: {reason}")

@@ -31,7 +31,7 @@ import tensorflow as tf
 from pipeline.atomic_file import fsync_dir, fsync_file, replaced, write_json
 from pipeline.checkpoints.lock import LOCK_FILE
 from pipeline.config import CheckpointConfig
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, IncompatibleCheckpoint
 from pipeline.state import TrainState
 
 SUFFIXES = {"keras": ".keras", "h5": ".h5", "weights_h5": ".weights.h5", "tf_checkpoint": ".ckpt"}
@@ -331,25 +331,16 @@ def restore(model: keras.Model, ckpt: Checkpoint) -> None:
 def restore_optimizer(model: keras.Model, values: list) -> None:
     variables = model.optimizer.variables
     if len(variables) != len(values):
-        raise CheckpointError(
-            f"optimizer state has {len(values)} variables, the model's optimizer "
-            f"{len(variables)}: the checkpoint was made with other trainable layers"
+        raise IncompatibleCheckpoint(
+            f"its optimizer state has {len(values)} variables, this run's optimizer "
+            f"{len(variables)}: it was made with another optimizer, schedule, precision or other trainable layers"
         )
     for var, value in zip(variables, values, strict=True):
         # The learning rate comes from the configuration, so a user may change it on resume.
         if var.path.endswith("learning_rate"):
             continue
         if tuple(var.shape) != value.shape:
-            raise CheckpointError(
+            raise IncompatibleCheckpoint(
                 f"optimizer variable {var.path} has shape {tuple(var.shape)}, the checkpoint {value.shape}"
             )
         var.assign(value)
-
-
-def fingerprint_differences(saved: dict, current: dict) -> list[str]:
-    """Readable lines for every compatibility key that changed."""
-    return [
-        f"{key}: checkpoints have {saved.get(key)!r}, this run has {current.get(key)!r}"
-        for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
-    ]

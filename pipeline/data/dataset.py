@@ -210,6 +210,23 @@ def read_dataset(cfg: DataConfig) -> DataSet:
     return DataSet(names, train, validation, augmenter)
 
 
+def file_list(data: DataSet, root: Path) -> dict[str, list]:
+    """Every image of each split as [path relative to data.dir, size in bytes, class name], in training order.
+
+    What the checkpoints' fingerprint digests (train.make_fingerprint): relative, so the same
+    images in a moved folder or under another mount point list alike; with sizes and classes, so a
+    replaced or relabelled file does not. The order is the one the batches' shuffle permutes.
+    """
+
+    def rows(split: Split) -> list:
+        return [
+            [Path(os.path.relpath(path, root)).as_posix(), os.path.getsize(path), data.class_names[label]]
+            for path, label in zip(split.filepaths, split.labels.tolist(), strict=True)
+        ]
+
+    return {"train": rows(data.train), "validation": rows(data.validation)}
+
+
 def class_folders(split_dir: Path) -> list[str]:
     """The class folders of train/ or validation/, sorted as flow_from_directory sorts them (links followed).
 

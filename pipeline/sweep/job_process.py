@@ -27,7 +27,7 @@ from pipeline.distribute.local_workers import die_with_parent
 from pipeline.errors import JobPreempted, JobUserError
 
 
-def run_in_child(config, resume: bool | None, run_dir: Path) -> dict:
+def run_in_child(config, resume: bool | str | None, run_dir: Path) -> dict:
     """train.run(config, resume, run_dir) in a fresh `python -m pipeline.sweep.job_process`; its outcome,
     or its error re-raised here.
 
