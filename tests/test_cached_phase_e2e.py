@@ -15,7 +15,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, cli_env, run_args, run_cli
+from conftest import REPO, cli_env, final_weights, largest_difference, run_args, run_cli
 from keras import layers
 
 from pipeline.config import DataConfig, ModelConfig
@@ -47,14 +47,6 @@ def calibrated_weights(tmp_path_factory, tiny_data):
 
 def args_for(tmp, data, weights, *extra):
     return run_args(tmp, data, f"model.weights={weights}", *PHASES, *extra)
-
-
-def final_weights(tmp):
-    return [w.numpy() for w in keras.models.load_model(tmp / "model" / "final.h5", compile=False).weights]
-
-
-def largest_difference(a, b) -> float:
-    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")
