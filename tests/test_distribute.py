@@ -88,6 +88,7 @@ def test_quoted_paths_survive_hydra_override_parsing(path):
     assert override.value() == path
 
 
+@pytest.mark.e2e
 def test_multi_worker_without_tf_config_fails_fast(tmp_path, tiny_data):
     env = cli_env()
     env.pop("TF_CONFIG", None)

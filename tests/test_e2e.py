@@ -152,7 +152,7 @@ def test_unavailable_imagenet_weights_fail_fast_with_both_remedies(tmp_path, tin
 
 def test_make_help_lists_every_target():
     out = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True).stdout
-    for target in ("train", "test", "setup", "bench", "help"):
+    for target in ("train", "test", "test-fast", "setup", "bench", "help"):
         assert f"make {target} " in out
 
 

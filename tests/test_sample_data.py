@@ -30,7 +30,7 @@ def read_images(root: Path) -> dict:
     return {path.relative_to(root): path.read_bytes() for path in sorted(root.rglob("*.jpg"))}
 
 
-def run_cli(*args: str, **kwargs) -> subprocess.Popen:
+def start_sample_data_cli(*args: str, **kwargs) -> subprocess.Popen:
     """Start `python -m pipeline.sample_data ARGS` from the repo root, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen(
@@ -129,7 +129,7 @@ def test_a_failure_midway_leaves_no_split_and_no_staging(tmp_path, monkeypatch):
 
 def test_a_killed_run_leaves_no_set_that_looks_complete(tmp_path):
     root = tmp_path / "data"
-    process = run_cli(str(root))
+    process = start_sample_data_cli(str(root))
     deadline = time.monotonic() + 60
     # Wait until images are being written, then kill it for real: no cleanup code can run.
     while not any(root.glob(f"{STAGING_PREFIX}*/*/*/*.jpg")):
@@ -147,12 +147,12 @@ def test_a_killed_run_leaves_no_set_that_looks_complete(tmp_path):
 
 def test_cli_writes_the_default_set_prints_one_line_and_then_refuses(tmp_path):
     root = tmp_path / "data"
-    out, err = run_cli(str(root), "--seed", "1").communicate(timeout=120)
+    out, err = start_sample_data_cli(str(root), "--seed", "1").communicate(timeout=120)
     assert out.splitlines() == [
         f"wrote 570 images to {root}: train 450 (circle 150, square 150, triangle 150), "
         "validation 120 (circle 40, square 40, triangle 40)"
     ], err
-    refused = run_cli(str(root))
+    refused = start_sample_data_cli(str(root))
     _, err = refused.communicate(timeout=120)
     assert refused.returncode == 1
     assert str(root / "train") in err and "Traceback" not in err
