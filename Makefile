@@ -18,7 +18,7 @@ STAMP := .make/installed-$(subst /,_,$(PYTHON))
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train lint test bench tensorboard clean-runs
+.PHONY: help setup train lint test test-fast bench tensorboard clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ JOBS ?= 2
 
 test: $(STAMP) ## run the whole test suite (unit + end-to-end); TESTS=path narrows it, JOBS=1 runs it in one process
 	$(PY) -m pytest -n $(JOBS) --dist loadfile $(TESTS)
+
+test-fast: $(STAMP) ## the quick check: everything but the end-to-end tests (marked e2e); TESTS=, JOBS= as for test
+	$(PY) -m pytest -n $(JOBS) --dist loadfile -m "not e2e" $(TESTS)
 
 bench: $(STAMP) ## pipeline vs the classic recipe, and where the time goes (not a test); ARGS=--quick
 	$(PY) -m pipeline.bench $(ARGS)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny real data set and a runner for the real CLI."""
+"""Shared fixtures and helpers: a tiny real data set, a runner for the real CLI, and what tests compare."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import copy
 import dataclasses
 import functools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from pipeline.config import Config
+from pipeline.config import Config, DataConfig
 from pipeline.data.sample_data import write_sample_data
 from pipeline.defaults import compose_config
 
@@ -44,6 +47,18 @@ def from_conf(section: str, **changes):
     starts from, without composing again for every test (Hydra's composition is slow enough to add up).
     """
     return dataclasses.replace(copy.deepcopy(getattr(composed_defaults(), section)), **changes)
+
+
+@pytest.fixture
+def data_dir(tmp_path, tiny_data) -> Path:
+    """A copy of tiny_data that a test may change."""
+    shutil.copytree(tiny_data, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def data_config(root, **kw) -> DataConfig:
+    """The data section the unit tests use: 75 px, batches of 4, loaded in the calling thread; kw overrides."""
+    return from_conf("data", **{"dir": str(root), "image_size": 75, "batch_size": 4, "workers": 0, **kw})
 
 
 def cli_env(**extra) -> dict:
@@ -85,3 +100,69 @@ def sweep_args(tmp: Path, data: Path, *extra) -> list[str]:
     return [a for a in run_args(tmp, data, *extra) if not a.startswith("hydra.run")] + [
         f"hydra.sweep.dir={tmp / 'multirun'}"
     ]
+
+
+def final_weights(run_dir: Path) -> list[np.ndarray]:
+    """The weights of the final model a run left in run_dir/model/final.h5."""
+    import keras
+
+    return [w.numpy() for w in keras.models.load_model(run_dir / "model" / "final.h5", compile=False).weights]
+
+
+def largest_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """The largest absolute difference between two lists of weights of the same shapes."""
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+def assert_real_png(path, min_size=(200, 200)):
+    """Decodes as a PNG of a plausible size with more than one colour in it."""
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.width >= min_size[0] and img.height >= min_size[1]
+        img.load()
+        assert len(img.convert("L").getcolors(maxcolors=1 << 16) or range(2)) > 1
+
+
+def event_steps(folder) -> dict:
+    """{tag: [step, ...]} of every TensorBoard event file in folder."""
+    import tensorflow as tf
+
+    steps = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return steps
+
+
+# Run in a fresh process: the saved model's answer for a photo's raw pixels, against the
+# same weights fed Inception's -1..1 pixels through the layers after the scaling layer.
+# Prints the class count, that difference (about 0), and the one left unscaled (far from 0).
+RAW_PIXELS_CHECK = """
+import sys, numpy as np, keras
+from PIL import Image
+m = keras.models.load_model(sys.argv[1])
+size = m.input_shape[1]
+x = np.asarray(Image.open(sys.argv[2]).convert("RGB").resize((size, size)), dtype="float32")[None]
+def after_scaling(x):
+    features = m.get_layer("pool")(m.get_layer("inception_v3")(x, training=False))
+    return m.get_layer("predictions")(features).numpy()
+p = m.predict(x, verbose=0)
+print(p.shape[1], np.abs(p - after_scaling(x / 127.5 - 1)).max(), np.abs(p - after_scaling(x)).max())
+"""
+
+
+def assert_labels_raw_pixels(model_file: Path, image: Path, n_classes: int = 3) -> None:
+    """The saved model, loaded in a fresh process, scales a photo's raw 0-255 pixels itself."""
+    out = subprocess.run(
+        [sys.executable, "-c", RAW_PIXELS_CHECK, str(model_file), str(image)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    classes, scaled, unscaled = out.stdout.split()[-3:]
+    assert int(classes) == n_classes
+    assert float(scaled) <= 1e-5, out.stdout
+    assert float(unscaled) > 1e-4, f"fed unscaled the model answers the same: the check means nothing\n{out.stdout}"

@@ -15,7 +15,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, cli_env, from_conf, run_args, run_cli
+from conftest import REPO, cli_env, final_weights, from_conf, largest_difference, run_args, run_cli
 from keras import layers
 
 from pipeline.data.dataset import load_image, read_dataset, validation_batches
@@ -48,14 +48,6 @@ def calibrated_weights(tmp_path_factory, tiny_data):
 
 def args_for(tmp, data, weights, *extra):
     return run_args(tmp, data, f"model.weights={weights}", *PHASES, *extra)
-
-
-def final_weights(tmp):
-    return [w.numpy() for w in keras.models.load_model(tmp / "model" / "final.h5", compile=False).weights]
-
-
-def largest_difference(a, b) -> float:
-    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(scope="module")

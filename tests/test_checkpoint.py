@@ -1,4 +1,9 @@
-"""Checkpoints: every format round-trips exactly and loads the seed's way; atomic, verified, pruned."""
+"""Checkpoints: every format round-trips exactly and loads the seed's way; atomic, verified, pruned.
+
+The store does not care what the model is, so most tests save a small model shaped like the
+pipeline's (a frozen nested base with BatchNorm, pooling, dropout, a softmax head) that trains
+in a second; the format tests run on InceptionV3 as well, in the slow (e2e) set.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import from_conf
+from keras import layers
 
 from pipeline.checkpoints.store import (
     MANIFEST,
@@ -23,7 +29,7 @@ from pipeline.checkpoints.store import (
     save_checkpoint,
     verify,
 )
-from pipeline.model import build_model, compile_model, set_trainable
+from pipeline.model import BASE_NAME, build_model, compile_model, set_trainable
 from pipeline.state import TrainState
 
 X = np.random.default_rng(0).uniform(0, 255, (8, 75, 75, 3)).astype("float32")
@@ -31,24 +37,56 @@ Y = np.eye(3, dtype="float32")[np.arange(8) % 3]
 FINGERPRINT = {"classes": ["a", "b", "c"], "image_size": 75}
 
 
-def trained_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    model = build_model(from_conf("model", weights=None), 3, 75)
+def small_model() -> keras.Model:
+    """The pipeline model's structure in a few layers; the base is named like InceptionV3 so set_trainable finds it."""
+    base_input = keras.Input((75, 75, 3))
+    features = layers.Activation("relu")(layers.BatchNormalization()(layers.Conv2D(8, 5, strides=5)(base_input)))
+    base = keras.Model(base_input, features, name=BASE_NAME)
+    inputs = keras.Input((75, 75, 3), name="pixels")
+    x = layers.GlobalAveragePooling2D(name="pool")(base(layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)))
+    outputs = layers.Dense(3, activation="softmax", name="predictions")(layers.Dropout(0.2, name="dropout")(x))
+    return keras.Model(inputs, outputs, name="small_transfer")
+
+
+ARCHITECTURES = {
+    "small": small_model,
+    "inception": lambda: build_model(from_conf("model", weights=None), 3, 75),
+}
+
+
+def fresh_model(kind="small"):
+    """A new model of `kind`, compiled for the head phase as training compiles it."""
+    model = ARCHITECTURES[kind]()
     set_trainable(model, "head", None, pretrained=False)
     compile_model(model, "adam", 1e-2)
+    return model
+
+
+def trained_model(kind="small", seed=0):
+    """fresh_model after one epoch (2 steps): weights, optimizer slots and dropout state all moved."""
+    keras.utils.set_random_seed(seed)
+    model = fresh_model(kind)
     model.fit(X, Y, batch_size=4, epochs=1, verbose=0)
     return model
 
 
-def fresh_model():
-    model = build_model(from_conf("model", weights=None), 3, 75)
-    set_trainable(model, "head", None, pretrained=False)
-    compile_model(model, "adam", 1e-2)
-    return model
+# The format tests run on both; InceptionV3 (its build and first fit take a while) only in the full suite.
+KINDS = ["small", pytest.param("inception", marks=pytest.mark.e2e)]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def kind(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def source():
+def source(kind):
+    return trained_model(kind)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A trained small model for the tests of the store's files, which do not depend on the model."""
     return trained_model()
 
 
@@ -67,13 +105,13 @@ def assert_same_weights(a, b):
 
 
 @pytest.mark.parametrize("fmt", ["keras", "h5", "weights_h5", "tf_checkpoint"])
-def test_every_format_round_trips_weights_optimizer_and_dropout_state(tmp_path, source, fmt):
-    twin = build_model(from_conf("model", weights=None), 3, 75) if fmt == "tf_checkpoint" else None
+def test_every_format_round_trips_weights_optimizer_and_dropout_state(tmp_path, source, kind, fmt):
+    twin = ARCHITECTURES[kind]() if fmt == "tf_checkpoint" else None
     ckpt = save(source, tmp_path, fmt, twin=twin)
     assert ckpt.stem == "transfer_01-0.26"
     assert (tmp_path / (ckpt.stem + SUFFIXES[fmt] + ("" if fmt != "tf_checkpoint" else ".index"))).exists()
     assert verify(ckpt) is None
-    model = fresh_model()
+    model = fresh_model(kind)
     restore(model, list_checkpoints(tmp_path)[-1])
     assert_same_weights(source, model)
     for a, b in zip(source.optimizer.variables, model.optimizer.variables, strict=True):
@@ -92,30 +130,30 @@ def test_full_model_checkpoints_load_with_load_model(tmp_path, source, fmt):
     np.testing.assert_allclose(loaded.predict(X, verbose=0), source.predict(X, verbose=0), atol=1e-6)
 
 
-def test_weights_h5_loads_with_load_weights(tmp_path, source):
+def test_weights_h5_loads_with_load_weights(tmp_path, source, kind):
     ckpt = save(source, tmp_path, "weights_h5")
-    model = build_model(from_conf("model", weights=None), 3, 75)
+    model = ARCHITECTURES[kind]()
     model.load_weights(tmp_path / (ckpt.stem + ".weights.h5"))
     assert_same_weights(source, model)
 
 
-def test_tf_checkpoint_loads_with_latest_checkpoint_into_a_compiled_model(tmp_path, source):
-    twin = build_model(from_conf("model", weights=None), 3, 75)
+def test_tf_checkpoint_loads_with_latest_checkpoint_into_a_compiled_model(tmp_path, source, kind):
+    twin = ARCHITECTURES[kind]()
     save(source, tmp_path, "tf_checkpoint", epoch=1, twin=twin)
     save(source, tmp_path, "tf_checkpoint", epoch=2, twin=twin)
     latest = tf.train.latest_checkpoint(str(tmp_path))
     assert latest.endswith("transfer_02-0.27.ckpt")
     # the seed's reader: a model of the same architecture, here compiled and trained with
     # another set of trainable layers, so its optimizer differs from the writer's
-    reader = build_model(from_conf("model", weights=None), 3, 75)
+    reader = ARCHITECTURES[kind]()
     compile_model(reader, "sgd", 1e-3)
     reader.fit(X, Y, epochs=1, verbose=0)
     tf.train.Checkpoint(model=reader).restore(latest)
     assert_same_weights(source, reader)
 
 
-def test_flipped_byte_and_missing_file_fail_verification(tmp_path, source):
-    ckpt = save(source, tmp_path, "weights_h5")
+def test_flipped_byte_and_missing_file_fail_verification(tmp_path, small):
+    ckpt = save(small, tmp_path, "weights_h5")
     path = tmp_path / (ckpt.stem + ".weights.h5")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -125,8 +163,8 @@ def test_flipped_byte_and_missing_file_fail_verification(tmp_path, source):
     assert "missing" in verify(ckpt)
 
 
-def test_uncommitted_files_are_invisible_and_cleaned_up(tmp_path, source):
-    ckpt = save(source, tmp_path, "weights_h5")
+def test_uncommitted_files_are_invisible_and_cleaned_up(tmp_path, small):
+    ckpt = save(small, tmp_path, "weights_h5")
     # simulate a save killed after its files were renamed in but before its manifest
     (tmp_path / "transfer_02-0.27.weights.h5").write_bytes(b"partial")
     (tmp_path / ("transfer_02-0.27" + PENDING)).write_text(json.dumps({"files": ["transfer_02-0.27.weights.h5"]}))
@@ -139,22 +177,22 @@ def test_uncommitted_files_are_invisible_and_cleaned_up(tmp_path, source):
     )
 
 
-def test_prune_keeps_the_newest_and_the_best(tmp_path, source):
+def test_prune_keeps_the_newest_and_the_best(tmp_path, small):
     for epoch in range(1, 6):
-        save(source, tmp_path, "weights_h5", epoch=epoch)
+        save(small, tmp_path, "weights_h5", epoch=epoch)
     prune(tmp_path, keep_last=2, best_stem="transfer_02-0.27")
     assert [c.stem for c in list_checkpoints(tmp_path)] == ["transfer_02-0.27", "transfer_04-0.29", "transfer_05-0.30"]
     assert len(list(tmp_path.glob("*.weights.h5"))) == 3
 
 
-def test_a_pattern_without_epoch_never_overwrites(tmp_path, source):
-    first = save(source, tmp_path, "weights_h5", epoch=1, filename="model")
-    second = save(source, tmp_path, "weights_h5", epoch=2, filename="model")
+def test_a_pattern_without_epoch_never_overwrites(tmp_path, small):
+    first = save(small, tmp_path, "weights_h5", epoch=1, filename="model")
+    second = save(small, tmp_path, "weights_h5", epoch=2, filename="model")
     assert first.stem != second.stem and len(list_checkpoints(tmp_path)) == 2
 
 
-def test_archive_moves_everything_aside_and_deletes_nothing(tmp_path, source):
-    save(source, tmp_path, "weights_h5")
+def test_archive_moves_everything_aside_and_deletes_nothing(tmp_path, small):
+    save(small, tmp_path, "weights_h5")
     before = sorted(p.name for p in tmp_path.iterdir())
     target = archive_all(tmp_path)
     assert target.parent == tmp_path / "archive"

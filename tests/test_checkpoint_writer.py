@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO, cli_env, from_conf
 from test_checkpoint import (
     FINGERPRINT,
+    KINDS,
     X,
     Y,
     assert_same_weights,
@@ -36,20 +37,21 @@ def submit(writer, model, epoch):
     return stem
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("fmt", ["keras", "h5", "weights_h5", "tf_checkpoint"])
-def test_a_background_write_holds_the_model_as_it_was_at_submit(tmp_path, fmt):
-    model = trained_model()
+def test_a_background_write_holds_the_model_as_it_was_at_submit(tmp_path, fmt, kind):
+    model = trained_model(kind)
     cfg = from_conf("checkpoint", dir=str(tmp_path), format=fmt, asynchronous=True)
     writer = CheckpointWriter(cfg, FINGERPRINT, model)
     submit(writer, model, 1)
-    at_submit = fresh_model()
+    at_submit = fresh_model(kind)
     at_submit.set_weights(model.get_weights())
     optimizer_at_submit = [v.numpy() for v in model.optimizer.variables]
     model.fit(X, Y, batch_size=4, epochs=1, verbose=0)  # training goes on while the write runs
     writer.wait()
     ckpt = list_checkpoints(tmp_path)[-1]
     assert verify(ckpt) is None
-    restored = fresh_model()
+    restored = fresh_model(kind)
     restore(restored, ckpt)
     assert_same_weights(at_submit, restored)
     for saved, now in zip(optimizer_at_submit, restored.optimizer.variables, strict=True):
@@ -87,7 +89,7 @@ def test_a_full_disk_in_the_background_surfaces_as_the_same_error(tmp_path, monk
 
 KILLED_MID_WRITE = textwrap.dedent("""
     import sys
-    from conftest import from_conf
+    import numpy as np
     from test_checkpoint import FINGERPRINT, X, Y, trained_model
     from pipeline.state import TrainState
     from pipeline.checkpoints.writer import CheckpointWriter
@@ -97,6 +99,8 @@ KILLED_MID_WRITE = textwrap.dedent("""
                               model)
     for epoch in (1, 2):
         writer.submit(model, f"epoch{epoch}", TrainState(phase_epoch=epoch, epoch=epoch), {})
+        if epoch == 1:  # the model as the first checkpoint must hold it
+            np.savez(sys.argv[2], *model.get_weights())
         print(f"submitted {epoch}", flush=True)
         model.fit(X, Y, batch_size=4, epochs=3, verbose=0)  # killed in here by the writer thread
     writer.wait()
@@ -107,9 +111,9 @@ KILLED_MID_WRITE = textwrap.dedent("""
 @pytest.mark.parametrize("kill_at", ["after_write#2", "before_manifest#2"])
 def test_kill_9_during_a_background_write_keeps_the_previous_checkpoint(tmp_path, kill_at):
     run = subprocess.run(
-        [sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path / "ckpt")],
+        [sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path / "ckpt"), str(tmp_path / "at_submit.npz")],
         cwd=REPO / "tests",
-        env=cli_env(PIPELINE_KILL_AT=kill_at),
+        env=cli_env(PIPELINE_KILL_AT=kill_at, PYTHONPATH=str(REPO)),  # this checkout's pipeline, not an installed one
         capture_output=True,
         text=True,
         timeout=300,
@@ -123,4 +127,9 @@ def test_kill_9_during_a_background_write_keeps_the_previous_checkpoint(tmp_path
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(
         ["epoch1.manifest.json", "epoch1.keras", "epoch1.state.npz"]
     )
-    restore(fresh_model(), found[0])
+    restored = fresh_model()
+    restore(restored, found[0])
+    at_submit = np.load(tmp_path / "at_submit.npz")
+    saved = [at_submit[f"arr_{i}"] for i in range(len(at_submit.files))]
+    for expected, got in zip(saved, restored.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, expected)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import re
+import shutil
 import signal
 
 import numpy as np
 import pytest
-from conftest import REPO, cli_env, from_conf, run_args, run_cli
-from test_report import assert_real_png, event_steps
+from conftest import REPO, assert_real_png, cli_env, event_steps, from_conf, run_args, run_cli
 
 pytestmark = pytest.mark.e2e
 CLASSES = ["circle", "square", "triangle"]
@@ -93,8 +93,9 @@ def test_report_counts_the_data_and_its_matrix_agrees_with_the_last_validation(r
     assert_real_png(out / "confusion_matrix.png")
 
 
-def test_a_complete_run_again_writes_a_missing_report_and_trains_nothing(run, tiny_data):
-    tmp, _, _ = run
+def test_a_complete_run_again_writes_a_missing_report_and_trains_nothing(run, tiny_data, tmp_path):
+    tmp = tmp_path  # a copy: the tests after this one read the shared run's report
+    shutil.copytree(run[0], tmp, dirs_exist_ok=True)
     model = tmp / "model" / "final.h5"
     before = model.stat().st_mtime_ns
     (tmp / "outputs" / "report.md").unlink()

@@ -9,12 +9,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
-import keras
-import numpy as np
 import pytest
-from conftest import REPO, cli_env, run_args, run_cli, sweep_args
+from conftest import (
+    REPO,
+    assert_labels_raw_pixels,
+    cli_env,
+    final_weights,
+    largest_difference,
+    run_args,
+    run_cli,
+    sweep_args,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -26,10 +32,6 @@ def finished(tmp_path_factory, tiny_data):
     result = run_cli(*run_args(tmp, tiny_data), cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     return tmp, result
-
-
-def weights_of(path):
-    return [w.numpy() for w in keras.models.load_model(path, compile=False).weights]
 
 
 def test_fresh_run_reports_plan_and_outcome(finished):
@@ -50,35 +52,26 @@ def test_saved_model_loads_in_a_fresh_process_and_labels_raw_pixels(finished, ti
     meta = json.loads((tmp / "model" / "final.json").read_text())
     assert meta["class_names"] == ["circle", "square", "triangle"]
     image = sorted((tiny_data / "validation" / "square").glob("*.jpg"))[0]
-    script = (
-        "import sys, numpy as np, keras\n"
-        "from PIL import Image\n"
-        "m = keras.models.load_model(sys.argv[1])\n"
-        "x = np.asarray(Image.open(sys.argv[2]).convert('RGB').resize((75, 75)), dtype='float32')[None]\n"
-        "p = m.predict(x, verbose=0)[0]\n"
-        "print(len(p), round(float(p.sum()), 4))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(tmp / "model" / "final.h5"), str(image)],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-2:] == ["3", "1.0"]
+    assert_labels_raw_pixels(tmp / "model" / "final.h5", image)
 
 
-def test_rerun_of_a_finished_run_does_nothing(finished, tiny_data):
-    tmp, _ = finished
+def copy_of_finished(finished, tmp_path):
+    """The finished run's folders in tmp_path, for a test that runs the CLI over them again."""
+    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def test_rerun_of_a_finished_run_does_nothing(finished, tmp_path, tiny_data):
+    tmp = copy_of_finished(finished, tmp_path)
     model = tmp / "model" / "final.h5"
     before = (model.stat().st_mtime_ns, model.read_bytes())
-    started = time.time()
+    checkpoints = sorted(p.name for p in (tmp / "ckpt").iterdir())
     result = run_cli(*run_args(tmp, tiny_data), cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "already complete" in result.stdout
-    assert time.time() - started < 60
+    assert "epoch 1/1" not in result.stdout and "checkpoint:" not in result.stdout  # nothing trained or saved
     assert (model.stat().st_mtime_ns, model.read_bytes()) == before
+    assert sorted(p.name for p in (tmp / "ckpt").iterdir()) == checkpoints
 
 
 def test_kill_9_after_a_checkpoint_then_same_command_resumes_exactly(finished, tmp_path, tiny_data):
@@ -108,13 +101,11 @@ def test_kill_9_after_a_checkpoint_then_same_command_resumes_exactly(finished, t
     meta = json.loads((tmp_path / "model" / "final.json").read_text())
     assert meta["lineage"] and meta["lineage"][0].startswith("transfer_01-")
     # same seed, same configuration: the resumed run ends where the uninterrupted one did
-    reference = weights_of(finished[0] / "model" / "final.h5")
-    resumed = weights_of(tmp_path / "model" / "final.h5")
-    assert max(float(np.abs(a - b).max()) for a, b in zip(reference, resumed, strict=True)) <= 1e-5
+    assert largest_difference(final_weights(finished[0]), final_weights(tmp_path)) <= 1e-5
 
 
-def test_changed_configuration_is_refused_and_nothing_touched(finished, tiny_data):
-    tmp, _ = finished
+def test_changed_configuration_is_refused_and_nothing_touched(finished, tmp_path, tiny_data):
+    tmp = copy_of_finished(finished, tmp_path)
     before = sorted(p.name for p in (tmp / "ckpt").iterdir())
     result = run_cli(*run_args(tmp, tiny_data, "data.image_size=80"), cwd=REPO)
     assert result.returncode == 2
@@ -143,29 +134,25 @@ def test_resume_false_moves_old_checkpoints_aside_and_starts_afresh(tmp_path, ti
 
 
 def test_bad_value_fails_fast_naming_the_key_with_nothing_written(tmp_path, tiny_data):
-    started = time.time()
     result = run_cli(*run_args(tmp_path, tiny_data, "data.batch_size=0"), cwd=REPO)
     assert result.returncode == 2
     assert "data.batch_size=0 must be >= 1" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert time.time() - started < 30
     assert list(tmp_path.iterdir()) == [], "a rejected run wrote something"
 
 
 def test_unavailable_imagenet_weights_fail_fast_with_both_remedies(tmp_path, tiny_data):
     env = cli_env(KERAS_HOME=str(tmp_path / "keras_home"), PIPELINE_IMAGENET_URL="http://127.0.0.1:9/notop.h5")
-    started = time.time()
     result = run_cli(*run_args(tmp_path, tiny_data, "model.weights=imagenet"), cwd=REPO, env=env)
     assert result.returncode == 2
     assert "model.weights=imagenet" in result.stderr and "model.weights=null" in result.stderr
     assert "Traceback" not in result.stderr
-    assert time.time() - started < 60
     assert not any((tmp_path / "ckpt").glob("*")) and not (tmp_path / "model").exists()
 
 
 def test_make_help_lists_every_target():
     out = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True).stdout
-    for target in ("train", "test", "setup", "bench", "help"):
+    for target in ("train", "test", "test-fast", "setup", "bench", "help"):
         assert f"make {target} " in out
 
 

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest
-from conftest import from_conf
+from conftest import data_config
 
 from pipeline.data.dataset import read_dataset, train_batches
 from pipeline.training.cached_phase import CachedBatches
 from pipeline.training.feature_cache import INCOMING, load_or_compute, make_key
 
 
-@pytest.fixture
-def data_dir(tmp_path, tiny_data):
-    copy = tmp_path / "data"
-    shutil.copytree(tiny_data, copy)
-    return copy
-
-
 def key_for(data_dir, **changes):
-    cfg = from_conf("data", **{"dir": str(data_dir), "image_size": 75, "batch_size": 4, "workers": 0, **changes})
+    cfg = data_config(data_dir, **changes)
     return make_key(read_dataset(cfg), cfg, seed=42, cut="pool", view_epochs=[0, 1], weights_digest="w")
 
 
@@ -84,7 +76,7 @@ def test_a_damaged_entry_is_computed_again(tmp_path, data_dir):
 
 
 def test_cached_batches_serve_the_uncached_epoch_order(data_dir):
-    cfg = from_conf("data", dir=str(data_dir), image_size=75, batch_size=5, workers=0)
+    cfg = data_config(data_dir, batch_size=5)
     data = read_dataset(cfg)
     uncached = train_batches(data, cfg, seed=42, epoch=3, start_batch=1)
     features = np.arange(12, dtype=np.float32)[:, None]  # feature = the image's index

@@ -16,11 +16,10 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import from_conf, run_args, run_cli
+from conftest import data_config, from_conf, run_args, run_cli
 from PIL import Image, ImageFile
 
 from pipeline.bench.check_speed import measure_check_speed
-from pipeline.config import DataConfig
 from pipeline.data.dataset import decode_image, load_image, read_dataset
 from pipeline.data.image_check import (
     CACHE_NAME,
@@ -36,10 +35,6 @@ DEFAULTS = from_conf("data")
 MAX_PIXELS = DEFAULTS.max_pixels
 BOMB_LIMIT = 90_000  # max_pixels in the tests: the bomb has more, every other image fewer
 EXIF_ORIENTATION = 0x0112
-
-
-def config(root, **kw) -> DataConfig:
-    return from_conf("data", dir=str(root), image_size=75, batch_size=4, workers=0, **kw)
 
 
 def photo(width=64, height=48, mode="RGB") -> Image.Image:
@@ -232,9 +227,9 @@ def test_truncated_images_are_never_loaded_half_grey():
 
 def test_fail_lists_every_bad_file_and_says_how_to_go_on(tmp_path):
     expected, _ = make_data(tmp_path / "d", bad_in="train/a")
-    data = read_dataset(config(tmp_path / "d", max_pixels=BOMB_LIMIT))
+    data = read_dataset(data_config(tmp_path / "d", max_pixels=BOMB_LIMIT))
     with pytest.raises(DataError) as caught:
-        check_images(data, config(tmp_path / "d", max_pixels=BOMB_LIMIT), tmp_path / "run")
+        check_images(data, data_config(tmp_path / "d", max_pixels=BOMB_LIMIT), tmp_path / "run")
     message = str(caught.value)
     total = len(data.train.filepaths) + len(data.validation.filepaths)
     assert message.startswith(f"{len(expected)} of {total} images cannot be used")
@@ -248,14 +243,16 @@ def test_fail_lists_every_bad_file_and_says_how_to_go_on(tmp_path):
 
 def test_skip_trains_without_them_and_reports_them(tmp_path, capsys):
     expected, _ = make_data(tmp_path / "d", bad_in="validation/b")
-    cfg = config(tmp_path / "d", max_pixels=BOMB_LIMIT, on_bad_image="skip")
+    cfg = data_config(tmp_path / "d", max_pixels=BOMB_LIMIT, on_bad_image="skip")
     indexed = read_dataset(cfg)
     total = len(indexed.train.filepaths) + len(indexed.validation.filepaths)
     data = check_images(indexed, cfg, tmp_path / "run")
     assert not set(data.validation.filepaths) & set(expected)
     assert data.train.counts(2) == [3, 3] and data.validation.counts(2) == [3, 3]
     for split in (data.train, data.validation):  # labels still match the files they belong to
-        assert all(f"/{data.class_names[y]}/" in p for p, y in zip(split.filepaths, split.labels, strict=True))
+        assert [f"/{data.class_names[y]}/" in p for p, y in zip(split.filepaths, split.labels, strict=True)] == [
+            True
+        ] * len(split.labels)
     out = capsys.readouterr().out
     assert f"warning: data.on_bad_image=skip: training without {len(expected)} of {total} images" in out
     assert all(f"  {path}: {reason}" in out for path, reason in expected.items())
@@ -268,7 +265,7 @@ def test_skip_that_empties_a_class_names_it(tmp_path):
     make_data(tmp_path / "d")
     for path in (tmp_path / "d" / "train" / "b").iterdir():
         path.write_bytes(b"")
-    cfg = config(tmp_path / "d", on_bad_image="skip")
+    cfg = data_config(tmp_path / "d", on_bad_image="skip")
     with pytest.raises(DataError, match=r"no images in .*train: b"):
         check_images(read_dataset(cfg), cfg, tmp_path / "run")
 
@@ -280,7 +277,7 @@ def test_odd_but_valid_images_and_names_are_used(tmp_path, capsys):
     _, odd = make_data(tmp_path / "d", odd_in="train/a")
     write_ignored(tmp_path / "d" / "train" / "a")
     write_ignored(tmp_path / "d" / "validation" / "b")
-    cfg = config(tmp_path / "d")
+    cfg = data_config(tmp_path / "d")
     data = check_images(read_dataset(cfg), cfg, tmp_path / "run")
     assert set(map(str, odd)) <= set(data.train.filepaths)
     assert data.train.counts(2) == [3 + len(ODD_CASES), 3]

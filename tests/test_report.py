@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import assert_real_png, event_steps
 
 from pipeline.reports.history import HISTORY, TENSORBOARD, read_history, start_history
 from pipeline.reports.metrics import accuracy, class_scores, confusion_matrix, format_confusion, format_scores
 from pipeline.reports.plots import draw_confusion, draw_curves
 from pipeline.state import TrainState
-
-
-def assert_real_png(path, min_size=(200, 200)):
-    """Decodes as a PNG of a plausible size with more than one colour in it."""
-    with Image.open(path) as img:
-        assert img.format == "PNG"
-        assert img.width >= min_size[0] and img.height >= min_size[1]
-        img.load()
-        assert len(img.convert("L").getcolors(maxcolors=1 << 16) or range(2)) > 1
 
 
 def test_confusion_matrix_and_scores_match_a_count_by_hand():
@@ -52,17 +43,6 @@ def fit_epoch(model, recorder_callbacks, state: TrainState):
     y = np.eye(2, dtype="float32")[np.arange(8) % 2]
     model.fit(x, y, validation_data=(x, y), epochs=1, batch_size=4, verbose=0, callbacks=recorder_callbacks)
     state.epoch, state.phase_epoch = state.epoch + 1, state.phase_epoch + 1
-
-
-def event_steps(folder) -> dict:
-    import tensorflow as tf
-
-    steps = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                steps.setdefault(value.tag, []).append(event.step)
-    return steps
 
 
 def test_history_drops_epochs_past_the_restored_checkpoint_and_marks_the_resume(tmp_path):

@@ -20,11 +20,9 @@ SMALL = {"train_per_class": 3, "validation_per_class": 2, "image_size": 48}  # e
 
 @pytest.fixture(scope="module")
 def default_set(tmp_path_factory):
-    """Write the default set once for the module; return its root, the returned counts and the seconds taken."""
+    """Write the default set once for the module (tests only read it); return its root and the returned counts."""
     root = tmp_path_factory.mktemp("default") / "data"
-    start = time.perf_counter()
-    counts = write_sample_data(root)
-    return root, counts, time.perf_counter() - start
+    return root, write_sample_data(root)
 
 
 def read_images(root: Path) -> dict:
@@ -32,7 +30,7 @@ def read_images(root: Path) -> dict:
     return {path.relative_to(root): path.read_bytes() for path in sorted(root.rglob("*.jpg"))}
 
 
-def run_cli(*args: str, **kwargs) -> subprocess.Popen:
+def start_sample_data_cli(*args: str, **kwargs) -> subprocess.Popen:
     """Start `python -m pipeline.sample_data ARGS` from the repo root, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen(
@@ -47,7 +45,7 @@ def run_cli(*args: str, **kwargs) -> subprocess.Popen:
 
 
 def test_default_set_has_the_promised_layout_and_counts(default_set):
-    root, counts, _ = default_set
+    root, counts = default_set
     per_split = {"train": 150, "validation": 40}
     assert counts == {split: {name: n for name in CLASS_NAMES} for split, n in per_split.items()}
     expected = {
@@ -61,13 +59,8 @@ def test_default_set_has_the_promised_layout_and_counts(default_set):
     assert sorted(path.name for path in root.iterdir()) == ["train", "validation"]
 
 
-def test_default_set_is_written_in_well_under_ten_seconds(default_set):
-    _, _, seconds = default_set
-    assert seconds < 10, f"writing the default set took {seconds:.1f} s"
-
-
 def test_every_file_decodes_as_an_rgb_jpeg_of_the_requested_size(default_set, tmp_path):
-    root, _, _ = default_set
+    root, _ = default_set
     write_sample_data(tmp_path / "small", **SMALL)
     for folder, side in ((root, 160), (tmp_path / "small", SMALL["image_size"])):
         for path in folder.rglob("*.jpg"):
@@ -92,7 +85,7 @@ def read_images_after_writing(root: Path, seed: int) -> dict:
 
 
 def test_train_and_validation_are_different_draws(default_set):
-    root, _, _ = default_set
+    root, _ = default_set
     train = set(read_images(root / "train").values())
     validation = set(read_images(root / "validation").values())
     assert len(train) == 450 and len(validation) == 120  # no duplicates inside a split either
@@ -136,7 +129,7 @@ def test_a_failure_midway_leaves_no_split_and_no_staging(tmp_path, monkeypatch):
 
 def test_a_killed_run_leaves_no_set_that_looks_complete(tmp_path):
     root = tmp_path / "data"
-    process = run_cli(str(root))
+    process = start_sample_data_cli(str(root))
     deadline = time.monotonic() + 60
     # Wait until images are being written, then kill it for real: no cleanup code can run.
     while not any(root.glob(f"{STAGING_PREFIX}*/*/*/*.jpg")):
@@ -154,12 +147,12 @@ def test_a_killed_run_leaves_no_set_that_looks_complete(tmp_path):
 
 def test_cli_writes_the_default_set_prints_one_line_and_then_refuses(tmp_path):
     root = tmp_path / "data"
-    out, err = run_cli(str(root), "--seed", "1").communicate(timeout=120)
+    out, err = start_sample_data_cli(str(root), "--seed", "1").communicate(timeout=120)
     assert out.splitlines() == [
         f"wrote 570 images to {root}: train 450 (circle 150, square 150, triangle 150), "
         "validation 120 (circle 40, square 40, triangle 40)"
     ], err
-    refused = run_cli(str(root))
+    refused = start_sample_data_cli(str(root))
     _, err = refused.communicate(timeout=120)
     assert refused.returncode == 1
     assert str(root / "train") in err and "Traceback" not in err
@@ -255,7 +248,7 @@ def edge_orientation_harmonics(image: np.ndarray, orders: int = 4) -> np.ndarray
 
 def test_colour_varies_within_each_class(default_set):
     # the class hue is a cue, as in real photos, but no class is one flat colour
-    root, _, _ = default_set
+    root, _ = default_set
     features, labels = load_features(root, "train", mean_colour)
     for label in range(len(CLASS_NAMES)):
         spread = features[labels == label].std(axis=0)
@@ -263,7 +256,7 @@ def test_colour_varies_within_each_class(default_set):
 
 
 def test_a_simple_shape_feature_does_separate_the_classes(default_set):
-    root, _, _ = default_set
+    root, _ = default_set
     accuracy = nearest_centroid_accuracy(root, edge_orientation_harmonics)
     # Measured near 98%; the brief asks only for > 70%, this keeps a wide margin below what we get.
     assert accuracy > 0.9, f"edge-orientation features give only {accuracy:.0%}: shapes are not learnable"

@@ -1,4 +1,4 @@
-"""data.py's class-layout checks: foreign validation classes, missing ones, symbolic links and their cycles."""
+"""The data folder layout read_dataset checks: foreign or missing validation classes, symbolic links, cycles."""
 
 from __future__ import annotations
 
@@ -7,15 +7,9 @@ import signal
 from contextlib import contextmanager
 
 import pytest
-from conftest import from_conf
+from conftest import data_config
 
-from pipeline.config import DataConfig
-from pipeline.data.dataset import read_dataset
-from pipeline.errors import DataError
-
-
-def config(root, **kw) -> DataConfig:
-    return from_conf("data", dir=str(root), image_size=75, batch_size=4, workers=0, **kw)
+from pipeline.data.dataset import DataError, read_dataset
 
 
 @contextmanager
@@ -34,21 +28,15 @@ def deadline(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.fixture
-def data_dir(tmp_path, tiny_data):
-    shutil.copytree(tiny_data, tmp_path / "d")
-    return tmp_path / "d"
-
-
 def test_a_validation_class_training_does_not_have_is_named(data_dir):
     shutil.copytree(data_dir / "validation" / "circle", data_dir / "validation" / "hexagon")
     with pytest.raises(DataError, match=r"validation that .*train does not have: hexagon;"):
-        read_dataset(config(data_dir))
+        read_dataset(data_config(data_dir))
 
 
 def test_a_training_class_missing_from_validation_is_a_warning_naming_it(data_dir, capsys):
     shutil.rmtree(data_dir / "validation" / "square")
-    data = read_dataset(config(data_dir))
+    data = read_dataset(data_config(data_dir))
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "class(es) square " in warnings[0]
     # labels still follow train/'s order: circle 0, square 1, triangle 2
@@ -57,7 +45,7 @@ def test_a_training_class_missing_from_validation_is_a_warning_naming_it(data_di
 
 
 def test_complete_validation_gives_no_warning(data_dir, capsys):
-    read_dataset(config(data_dir))
+    read_dataset(data_config(data_dir))
     assert "warning:" not in capsys.readouterr().out
 
 
@@ -65,7 +53,7 @@ def test_symbolic_links_to_class_folders_and_images_are_followed(tmp_path, data_
     shutil.move(data_dir / "train" / "square", tmp_path / "elsewhere")
     (data_dir / "train" / "square").symlink_to(tmp_path / "elsewhere")
     (data_dir / "train" / "circle" / "more").symlink_to(data_dir / "validation" / "circle")
-    data = read_dataset(config(data_dir))
+    data = read_dataset(data_config(data_dir))
     assert data.train.counts(3) == [4 + 2, 4, 4]
 
 
@@ -81,10 +69,10 @@ def test_a_symlink_cycle_is_named_not_followed(data_dir, links):
     for link, target in links.items():
         (data_dir / link).symlink_to(data_dir / target)
     with deadline(30), pytest.raises(DataError, match=r"symbolic link .* leads back to a folder above it"):
-        read_dataset(config(data_dir))
+        read_dataset(data_config(data_dir))
 
 
 def test_a_self_referencing_link_is_not_a_folder(data_dir):
     (data_dir / "train" / "circle" / "knot").symlink_to(data_dir / "train" / "circle" / "knot")
     with deadline(30):
-        assert read_dataset(config(data_dir)).train.counts(3) == [4, 4, 4]
+        assert read_dataset(data_config(data_dir)).train.counts(3) == [4, 4, 4]
