@@ -86,9 +86,9 @@ def restore_newest_usable(plan: ResumePlan, prepare: Callable[[TrainState], obje
     starts from scratch over committed work.
     """
     problems, failed = [], []
-    for path, reason in plan.unreadable:  # its position is unknown, so it is never the one restored
-        print(f"warning: skipping checkpoint {path}: unreadable manifest ({reason})")
-        problems.append(f"{path}: unreadable manifest ({reason})")
+    for path, why in plan.unreadable:  # its position is unknown, so it is never the one restored
+        print(f"warning: skipping checkpoint {path}: unreadable manifest ({why})")
+        problems.append(f"{path}: unreadable manifest ({why})")
         failed.append(path)
     for ckpt in plan.candidates:
         reason = verify(ckpt)

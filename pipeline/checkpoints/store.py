@@ -33,7 +33,7 @@ from pipeline.config import CheckpointConfig
 SUFFIXES = {"keras": ".keras", "h5": ".h5", "weights_h5": ".weights.h5", "tf_checkpoint": ".ckpt"}
 MANIFEST = ".manifest.json"
 PENDING = ".pending.json"
-PRUNING = ".pruning.json"  # a manifest renamed so while its checkpoint's files are deleted
+PRUNING = ".pruning.json"  # what a manifest is renamed to while its checkpoint's files are deleted
 STATE = ".state.npz"
 ARCHIVE = "archive"
 INCOMING = ".incoming-"
