@@ -300,14 +300,22 @@ def train_phases(session: Session, phases: list[Phase], compiled_for: str | None
                     session.model, session.data, session.cfg, phase.name, first_epoch, session.unfreeze_after
                 )
             fit_epoch(session, phase, session.feed)
-            if session.stop.raised:  # SIGTERM arrived during validation or the checkpoint
+            if session.stop.raised:  # SIGTERM arrived in the last batch, validation or the checkpoint
                 raise Preempted(
                     f"stopped on SIGTERM after epoch {session.state.epoch}; run the same command to continue"
                 )
     finally:
-        session.stop.uninstall()
-        # The last checkpoint commits (or its error surfaces) before the final save and exit.
-        session.checkpoints.wait()
+        # The last checkpoint commits (or its error surfaces) before the final save and exit;
+        # the handler stays until then, or a SIGTERM meanwhile would kill the write with the process.
+        try:
+            session.checkpoints.wait()
+        finally:
+            session.stop.uninstall()
+    if session.stop.raised:  # SIGTERM while the last checkpoint was being written: it has committed
+        raise Preempted(
+            f"stopped on SIGTERM after the last checkpoint committed (epoch {session.state.epoch}); "
+            "run the same command to write the final model"
+        )
 
 
 def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:

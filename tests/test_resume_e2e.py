@@ -15,10 +15,13 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import pytest
 from conftest import REPO, cli_env, final_weights, largest_difference, run_args, run_cli
+
+from pipeline.checkpoints.store import list_checkpoints, verify
 
 pytestmark = pytest.mark.e2e
 HEAD_ONLY = ["train.head.epochs=2", "train.finetune.epochs=0"]
@@ -142,6 +145,28 @@ def test_damaged_newest_checkpoint_is_named_and_the_previous_one_used(reference,
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"warning: skipping checkpoint {newest.stem}" in result.stdout and "checksum" in result.stdout
     assert f"resume: from checkpoint {older.stem}" in result.stdout
+    assert largest_difference(reference[1], final_weights(tmp_path)) <= 1e-5
+
+
+def test_after_a_fallback_the_damaged_checkpoint_is_archived_and_the_new_one_kept(reference, tmp_path, tiny_data):
+    older, newest = copy_of_reference_checkpoints(reference, tmp_path)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    # Keep 1; the run falls back to epoch 1 and checkpoints after each batch of epoch 2.
+    # Killed inside the second of those writes: the first has committed and pruned by then.
+    extra = ("checkpoint.save_best_only=true", "checkpoint.every_batches=1")
+    first = run_cli(*args_for(tmp_path, tiny_data, *extra), cwd=REPO, env=cli_env(PIPELINE_KILL_AT="after_write#2"))
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    assert f"resume: from checkpoint {older.stem}" in first.stdout
+    announced = [Path(line.split()[1]).name for line in first.stdout.splitlines() if line.startswith("checkpoint: ")]
+    committed = list_checkpoints(tmp_path / "ckpt")
+    assert announced and announced[-1] in [c.stem for c in committed], first.stdout
+    assert all(verify(c) is None for c in committed)
+    assert len(list((tmp_path / "ckpt" / "archive").glob(f"*/{newest.name}"))) == 1
+    second = run_cli(*args_for(tmp_path, tiny_data, *extra), cwd=REPO)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"resume: from checkpoint {announced[-1]}" in second.stdout
     assert largest_difference(reference[1], final_weights(tmp_path)) <= 1e-5
 
 

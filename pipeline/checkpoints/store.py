@@ -37,6 +37,7 @@ from pipeline.state import TrainState
 SUFFIXES = {"keras": ".keras", "h5": ".h5", "weights_h5": ".weights.h5", "tf_checkpoint": ".ckpt"}
 MANIFEST = ".manifest.json"
 PENDING = ".pending.json"
+PRUNING = ".pruning.json"  # what a manifest is renamed to while its checkpoint's files are deleted
 STATE = ".state.npz"
 ARCHIVE = "archive"
 INCOMING = ".incoming-"
@@ -72,14 +73,22 @@ def reach(point: str) -> None:
 
     `PIPELINE_KILL_AT=<point>[#n]` SIGKILLs this process the n-th time (default
     first) it gets here; `PIPELINE_ENOSPC_AT=<point>[#n]` fails there as a full
-    disk would. The production path runs the same code; the hook only lets a test
-    strike inside a save step at an exact place rather than at a random moment.
+    disk would; `PIPELINE_PAUSE_AT=<point>[#n]` prints `paused at <point>` and
+    sleeps PAUSE_SECONDS, a window for a test's real signal. The production path
+    runs the same code; the hook only lets a test strike inside a save step at an
+    exact place rather than at a random moment.
     """
     _reached[point] = _reached.get(point, 0) + 1
     if _asked("PIPELINE_KILL_AT", point):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _asked("PIPELINE_PAUSE_AT", point):
+        print(f"paused at {point}", flush=True)
+        time.sleep(PAUSE_SECONDS)
     if _asked("PIPELINE_ENOSPC_AT", point):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), point)
+
+
+PAUSE_SECONDS = 5
 
 
 def _asked(variable: str, point: str) -> bool:
@@ -204,6 +213,9 @@ def write_checkpoint_files(
             "logs": logs,
             "fingerprint": fingerprint,
             "created": time.time(),
+            # Commit order, which pruning and resume go by: after a fallback a newer
+            # commit can carry a lower epoch than an older, unusable checkpoint.
+            "sequence": 1 + max((commit_order(c)[0] for c in scan_checkpoints(directory)[0]), default=0),
         }
         write_json(directory / (stem + MANIFEST), manifest, durable=True)
         reach("after_manifest")
@@ -230,14 +242,32 @@ def point_tf_checkpoint(directory: Path, stem: str) -> None:
 
 def list_checkpoints(directory: Path) -> list[Checkpoint]:
     """Committed checkpoints, oldest first. An unreadable manifest is skipped with a warning."""
-    found = []
-    for path in Path(directory).glob("*" + MANIFEST):
+    found, unreadable = scan_checkpoints(directory)
+    for path, reason in unreadable:
+        print(f"warning: ignoring unreadable checkpoint manifest {path}: {reason}")
+    return found
+
+
+def scan_checkpoints(directory: Path) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:
+    """Committed checkpoints in commit order, oldest first; and the manifests that cannot be read, with why."""
+    found, unreadable = [], []
+    for path in sorted(Path(directory).glob("*" + MANIFEST)):
         try:
             manifest = json.loads(path.read_text())
-            found.append(Checkpoint(manifest["stem"], manifest, path))
-        except (OSError, ValueError, KeyError) as err:
-            print(f"warning: ignoring unreadable checkpoint manifest {path}: {err}")
-    return sorted(found, key=lambda c: (c.state.epoch, c.state.batch, c.manifest.get("created", 0)))
+            # What a resume reads, checked now: a manifest without it is no checkpoint.
+            TrainState(**manifest["state"])
+            dict(manifest["files"])
+            ckpt = Checkpoint(str(manifest["stem"]), manifest, path)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            unreadable.append((path, f"{type(err).__name__}: {err}"))
+        else:
+            found.append(ckpt)
+    return sorted(found, key=commit_order), unreadable
+
+
+def commit_order(ckpt: Checkpoint) -> tuple[int, float]:
+    """Checkpoints written before commit sequence numbers existed count as older, by their commit time."""
+    return int(ckpt.manifest.get("sequence", 0)), float(ckpt.manifest.get("created", 0))
 
 
 def clean_leftovers(directory: Path) -> None:
@@ -256,22 +286,37 @@ def clean_leftovers(directory: Path) -> None:
                 for name in json.loads(pending.read_text())["files"]:
                     (directory / name).unlink(missing_ok=True)
         pending.unlink(missing_ok=True)
+    # A deletion killed midway (prune): finish it, sparing any file a committed manifest names.
+    committed = {name for ckpt in scan_checkpoints(directory)[0] for name in ckpt.manifest["files"]}
+    for record in directory.glob("*" + PRUNING):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            for name in set(json.loads(record.read_text())["files"]) - committed:
+                (directory / name).unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
+    fsync_dir(directory)
 
 
 def delete_checkpoint(ckpt: Checkpoint) -> None:
-    # The manifest goes first: a kill midway leaves unreferenced files, never a
-    # manifest that points at missing ones.
-    ckpt.path.unlink(missing_ok=True)
+    # The manifest is first renamed to a deletion record: from then on the checkpoint
+    # is not committed, and a kill midway leaves the record, from which the next
+    # start's clean_leftovers deletes the rest (never a manifest naming missing files).
+    directory = ckpt.path.parent
+    record = directory / (ckpt.stem + PRUNING)
+    os.replace(ckpt.path, record)
+    fsync_dir(directory)
     for name in ckpt.manifest["files"]:
-        (ckpt.path.parent / name).unlink(missing_ok=True)
+        (directory / name).unlink(missing_ok=True)
+    record.unlink(missing_ok=True)
 
 
-def prune(directory: Path, keep_last: int, best_stem: str | None) -> None:
-    """Keep the newest `keep_last` committed checkpoints and the best one."""
+def prune(directory: Path, keep_last: int, best_stem: str | None, current: str | None = None) -> None:
+    """Keep the last `keep_last` committed checkpoints (in commit order), the best one and `current`."""
     checkpoints = list_checkpoints(directory)
-    for ckpt in checkpoints[:-keep_last]:
-        if ckpt.stem != best_stem:
-            delete_checkpoint(ckpt)
+    doomed = [c for c in checkpoints[:-keep_last] if c.stem not in (best_stem, current)]
+    for ckpt in doomed:
+        delete_checkpoint(ckpt)
+    if doomed:
+        fsync_dir(directory)
 
 
 def archive_all(directory: Path) -> Path | None:
@@ -288,8 +333,41 @@ def archive_all(directory: Path) -> Path | None:
     target.mkdir(parents=True)
     for entry in entries:
         os.replace(entry, target / entry.name)
-    fsync_dir(directory)
+    # Each folder whose entries changed: the moves themselves, the new folder, archive/ if new.
+    for changed in (target, target.parent, directory):
+        fsync_dir(changed)
     return target
+
+
+def archive_unusable(directory: Path, manifests: list[Path]) -> Path:
+    """Move checkpoints that failed to verify or load into archive/<time>-unusable/; delete nothing.
+
+    Each manifest moves after its files, so a kill midway leaves a manifest
+    naming missing files: it fails verification and is moved on the next start.
+    """
+    directory = Path(directory)
+    target = directory / ARCHIVE / (time.strftime("%Y%m%d-%H%M%S") + "-unusable")
+    while target.exists():
+        target = target.with_name(target.name + "_")
+    target.mkdir(parents=True)
+    for manifest in manifests:
+        for name in checkpoint_files(manifest):
+            if (directory / name).is_file():
+                os.replace(directory / name, target / name)
+        os.replace(manifest, target / manifest.name)
+    for changed in (target, target.parent, directory):
+        fsync_dir(changed)
+    return target
+
+
+def checkpoint_files(manifest: Path) -> list[str]:
+    """The files a manifest lists; for one that cannot be read, the files named as its stem's would be."""
+    try:
+        return list(dict(json.loads(manifest.read_text())["files"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        stem = manifest.name[: -len(MANIFEST)]
+        named = {stem + suffix for suffix in (*SUFFIXES.values(), STATE)}
+        return [p.name for p in manifest.parent.iterdir() if p.name in named or p.name.startswith(stem + ".ckpt.")]
 
 
 # ---- verifying and restoring ---------------------------------------------

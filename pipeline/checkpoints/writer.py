@@ -139,7 +139,7 @@ def prune_and_announce(cfg: CheckpointConfig) -> Callable[[Checkpoint], None]:
 
     def on_commit(ckpt: Checkpoint) -> None:
         keep = 1 if cfg.save_best_only else cfg.keep_last
-        prune(Path(cfg.dir), keep, ckpt.state.best_stem)
+        prune(Path(cfg.dir), keep, ckpt.state.best_stem, current=ckpt.stem)
         print(f"checkpoint: {Path(cfg.dir) / ckpt.stem} ({cfg.format})", flush=True)
 
     return on_commit

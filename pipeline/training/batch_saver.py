@@ -40,7 +40,10 @@ class BatchSaver(keras.callbacks.Callback):
 
     `start_batch` is where this fit call began inside the epoch (a resumed
     epoch starts past its first batches); `batches_per_epoch` bounds it, since
-    the epoch's last batch is checkpointed at the epoch's end instead.
+    the epoch's last batch is checkpointed at the epoch's end instead, SIGTERM
+    or not: a checkpoint at batch N of N would resume into an epoch with no
+    batches left, which fit refuses. On the flag there, the epoch ends (with its
+    validation) and the run stops after the epoch-end checkpoint (train.py).
     """
 
     def __init__(
@@ -52,8 +55,9 @@ class BatchSaver(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         done = self.start_batch + batch + 1
-        due = self.every > 0 and done % self.every == 0 and done < self.batches_per_epoch
-        if due or self.flag.raised:
+        if done >= self.batches_per_epoch:
+            return
+        if (self.every > 0 and done % self.every == 0) or self.flag.raised:
             stem = self.save(done, dict(logs or {}))
             if self.flag.raised:
                 raise Preempted(
