@@ -147,7 +147,11 @@ def save_model_file(model: keras.Model, fmt: str, target: Path, twin: keras.Mode
         if twin is None:
             raise ValueError("checkpoint.format=tf_checkpoint is written from an optimizer-free twin; pass one")
         twin.set_weights(model.get_weights())
-        tf.train.Checkpoint(model=twin).write(str(target))
+        checkpoint = tf.train.Checkpoint(model=twin)
+        # write() stores only objects that exist, and save_counter is created on first use: without
+        # it TensorFlow's tutorial line `restore(...).assert_existing_objects_matched()` fails on it.
+        checkpoint.save_counter.assign(1)
+        checkpoint.write(str(target))
 
 
 def save_state_file(model: keras.Model, target: Path) -> None:
