@@ -5,6 +5,7 @@ checkpoints) end with one message naming the culprit and exit code 2, no
 traceback; HYDRA_FULL_ERROR=1 shows the traceback for debugging.
 """
 
+import errno
 import os
 import signal
 import sys
@@ -152,6 +153,8 @@ def is_preemption(err: Exception) -> bool:
 
 def is_user_error(err: Exception) -> bool:
     if isinstance(err, (ConfigError, JobUserError)):
+        return True
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:  # writing the run's record (.hydra/, result.json)
         return True
     if "tensorflow" not in sys.modules:
         return False

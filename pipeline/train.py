@@ -12,7 +12,15 @@ import keras
 import tensorflow as tf
 
 from pipeline.checkpoints.resume import plan_resume, restore_newest_usable
-from pipeline.checkpoints.store import Checkpoint, CheckpointError, TrainState, checkpoint_stem, list_checkpoints
+from pipeline.checkpoints.store import (
+    Checkpoint,
+    CheckpointError,
+    DiskFull,
+    TrainState,
+    checkpoint_stem,
+    list_checkpoints,
+    space_for,
+)
 from pipeline.checkpoints.writer import CheckpointWriter, prune_and_announce
 from pipeline.config import Config, ConfigError, PhaseConfig
 from pipeline.data.dataset import DataError, DataSet, ensure_sample_data, read_dataset, validation_batches
@@ -43,7 +51,7 @@ from pipeline.training.first_step_timer import FirstStepTimer
 from pipeline.training.precision import set_precision
 
 # Errors whose message tells the user what to fix; the entry point prints them without a traceback.
-USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError, DiskFull)
 PHASE_ORDER = ("head", "finetune")
 
 
@@ -156,7 +164,8 @@ def run(cfg: Config, resume: bool | None = None, report_dir: Path = Path("output
     configure_tensorflow(cfg)
     strategy = make_strategy(cfg.distribute)
     role = read_worker_role() if cfg.distribute.strategy == "multi_worker" else WorkerRole()
-    with scratch_folder(role) as scratch, strategy_scope(strategy):
+    # A full disk in a write not named below (space_for at each known one) still ends in one line.
+    with space_for(), scratch_folder(role) as scratch, strategy_scope(strategy):
         out = cfg
         if strategy:  # every worker must save in step with the others: no background writer
             out = replace(out, checkpoint=replace(out.checkpoint, asynchronous=False))
@@ -199,7 +208,8 @@ def train_and_save(
             f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
             f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh)."
         )
-        write_missing_report(report_dir, cfg, data, done.state, done.manifest.get("logs", {}))
+        with space_for(report_dir):
+            write_missing_report(report_dir, cfg, data, done.state, done.manifest.get("logs", {}))
         return summary.outcome(
             cfg, done.state, done.manifest.get("logs", {}), time.time() - started, "already complete"
         )
@@ -213,14 +223,19 @@ def train_and_save(
     else:
         session.state = TrainState(phase=phases[0].name)
     # history.csv and TensorBoard drop what was trained after the restored checkpoint.
-    session.callbacks = start_history(report_dir, lambda: session.state, restored.stem if restored else None)
+    session.callbacks = start_history(
+        report_dir,
+        lambda: session.state,
+        restored.stem if restored else None,
+        restored.manifest.get("logs", {}) if restored else None,
+    )
     summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
     save_final(model, Path(out.model.save_path), final_metadata(session))
     feed = session.feed
-    write_run_report(
-        report_dir, out, data, model, session.state, session.last_logs, (feed.model, feed.validation) if feed else None
-    )
+    scorer = (feed.model, feed.validation) if feed else None
+    with space_for(report_dir):
+        write_run_report(report_dir, out, data, model, session.state, session.last_logs, scorer)
     return summary.print_closing(out, session.state, session.last_logs, time.time() - started)
 
 
@@ -282,8 +297,19 @@ def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
     )
     session.last_logs = {k: float(v[-1]) for k, v in history.history.items()}
     state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
-    if state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs or session.stop.raised:
+    disk_full = history_failure(session.callbacks)
+    boundary = state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs
+    # Not with a strategy: workers save in step, and the others' disks are not full.
+    if boundary or session.stop.raised or (disk_full and not session.strategy):
         write_checkpoint(session, session.last_logs)
+    if disk_full:  # the epoch is checkpointed (or its own error says why not) before the run stops
+        session.writer.wait()
+        raise disk_full
+
+
+def history_failure(callbacks: list) -> DiskFull | None:
+    """The full disk history.csv or TensorBoard met at this epoch's end (history.EpochRecorder), if any."""
+    return next((cb.failed for cb in callbacks if getattr(cb, "failed", None)), None)
 
 
 def write_checkpoint(session: Session, logs: dict) -> str:

@@ -21,6 +21,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,38 @@ logging.getLogger("absl").addFilter(lambda record: "considered legacy" not in re
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one is needed, or one from another run."""
+
+
+class DiskFull(RuntimeError):
+    """No space left on the device a run writes to; the message names what was being written."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC as Python and h5py raise it (an OSError), or as TensorFlow's writers do (an OpError naming it)."""
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    return isinstance(err, tf.errors.OpError) and os.strerror(errno.ENOSPC) in str(err)
+
+
+@contextlib.contextmanager
+def space_for(path: Path | str | None = None) -> Iterator[None]:
+    """Turn a full disk while writing `path` into DiskFull naming it: one `error:` line and exit 2.
+
+    A write that fails this way has left the file it replaces, and every
+    committed checkpoint, as they were (temporary names, renamed last).
+    """
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        if path is None:  # an unforeseen writer: name its file if the error does, else quote it on one line
+            filename = getattr(err, "filename", None)
+            path = filename if filename else f"a file of the run ({' '.join(str(err).split())})"
+        raise DiskFull(
+            f"No space left on device writing {path}. Committed checkpoints are intact; "
+            "free space and run the same command to continue."
+        ) from err
 
 
 @dataclass
@@ -198,8 +231,11 @@ def save_checkpoint(
     directory = Path(cfg.dir)
     try:
         return write_checkpoint_files(model, cfg, stem, state, logs, fingerprint, twin)
-    except OSError as err:
-        reason = "No space left on device" if err.errno == errno.ENOSPC else str(err)
+    except (OSError, tf.errors.OpError) as err:
+        # TensorFlow's writer (tf_checkpoint) reports a full disk as an OpError; others of its errors are bugs.
+        if not (isinstance(err, OSError) or is_disk_full(err)):
+            raise
+        reason = "No space left on device" if is_disk_full(err) else str(err)
         raise CheckpointError(
             f"{reason}: could not write checkpoint {stem} in {directory}. "
             "The previous checkpoints are intact; free space and run the same "

@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import keras
 
-from pipeline.checkpoints.store import fsync_dir, fsync_file, reach, write_json_atomic
+from pipeline.checkpoints.store import fsync_dir, fsync_file, reach, space_for, write_json_atomic
 from pipeline.model_file.load import METADATA_ATTR  # one name for the attribute; model_file reads it without TensorFlow
 
 
@@ -24,22 +24,24 @@ def metadata_path(model_path: Path) -> Path:
 
 
 def save_final(model: keras.Model, path: Path, metadata: dict) -> None:
+    """Save atomically; a full disk raises DiskFull naming `path` and leaves any previous model whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for leftover in path.parent.glob(f".{path.stem}.tmp-*.h5"):  # from a killed save
         leftover.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.h5")
-    try:
-        model.save(str(tmp), overwrite=True)
-        with h5py.File(tmp, "a") as f:
-            f.attrs[METADATA_ATTR] = json.dumps(metadata)
-        fsync_file(tmp)
-        reach("final_before_rename")
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    write_json_atomic(metadata_path(path), metadata)
+    with space_for(path):
+        try:
+            model.save(str(tmp), overwrite=True)
+            with h5py.File(tmp, "a") as f:
+                f.attrs[METADATA_ATTR] = json.dumps(metadata)
+            fsync_file(tmp)
+            reach("final_before_rename")
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        write_json_atomic(metadata_path(path), metadata)
 
 
 def read_metadata(path: Path) -> dict | None:

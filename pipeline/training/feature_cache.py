@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.checkpoints.store import fsync_dir, fsync_file, reach, sha256
+from pipeline.checkpoints.store import fsync_dir, fsync_file, reach, sha256, space_for
 from pipeline.config import DataConfig
 from pipeline.data.dataset import Batches, DataSet
 
@@ -130,8 +130,9 @@ def load_or_compute(cache_dir: Path, key: dict, compute: Callable[[Path], None])
         shutil.rmtree(folder, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{INCOMING}{os.getpid()}-", dir=cache_dir))
     try:
-        compute(scratch)
-        commit_entry(scratch, folder, key)
+        with space_for(folder):
+            compute(scratch)
+            commit_entry(scratch, folder, key)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     remove_stale_entries(cache_dir, folder, key)
