@@ -9,6 +9,8 @@ says what to do.
 
 from __future__ import annotations
 
+import errno
+
 # ---- errors a user can fix ------------------------------------------------
 
 
@@ -39,6 +41,10 @@ class CheckpointError(RuntimeError):
 class IncompatibleCheckpoint(CheckpointError):
     """A checkpoint whose files verify but whose optimizer state does not fit this run's model:
     a setting changed (optimizer, schedule, trainable layers, precision), not damage."""
+
+
+class DiskFull(RuntimeError):
+    """No space left on the device a run writes to; the message names what was being written."""
 
 
 class CheckpointInUse(RuntimeError):
@@ -89,6 +95,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     WeightsError,
     CheckpointError,
     CheckpointInUse,
+    DiskFull,
     JobUserError,
 )
 PREEMPTIONS: tuple[type[Exception], ...] = (Preempted, JobPreempted)
@@ -96,6 +103,8 @@ PREEMPTIONS: tuple[type[Exception], ...] = (Preempted, JobPreempted)
 
 def is_user_error(err: BaseException) -> bool:
     """An error whose message tells the user what to fix: no traceback needed."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:  # writing the run's record (.hydra/, result.json)
+        return True
     return isinstance(err, USER_ERRORS)
 
 

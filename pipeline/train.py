@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from pipeline.checkpoints.fingerprint import files_digest, save_file_list
 from pipeline.checkpoints.resume import ResumePlan, plan_resume, restore_newest_usable
-from pipeline.checkpoints.store import Checkpoint, checkpoint_stem, list_checkpoints
+from pipeline.checkpoints.store import Checkpoint, checkpoint_stem, list_checkpoints, space_for
 from pipeline.checkpoints.writer import CheckpointWriter, prune_and_announce
 from pipeline.config import Config, PhaseConfig
 from pipeline.data.dataset import DataSet, file_list, validation_batches
@@ -26,7 +26,7 @@ from pipeline.distribute.strategy import (
     strategy_scope,
 )
 from pipeline.distribute.tf_config import WorkerRole, read_worker_role
-from pipeline.errors import Preempted
+from pipeline.errors import DiskFull, Preempted
 from pipeline.model import build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after, set_trainable
 from pipeline.model_file.load import read_metadata_or_none
 from pipeline.model_file.save import save_final
@@ -191,7 +191,8 @@ def run(cfg: Config, resume: bool | str | None = None, report_dir: Path = Path("
     configure_tensorflow(cfg)
     strategy = make_strategy(cfg.distribute)
     role = read_worker_role() if cfg.distribute.strategy == "multi_worker" else WorkerRole()
-    with scratch_folder(role) as scratch, strategy_scope(strategy):
+    # A full disk in a write not named below (space_for at each known one) still ends in one line.
+    with space_for(), scratch_folder(role) as scratch, strategy_scope(strategy):
         outputs = cfg
         if strategy:  # every worker must save in step with the others: no background writer
             outputs = replace(outputs, checkpoint=replace(outputs.checkpoint, asynchronous=False))
@@ -227,7 +228,12 @@ def train_and_save(
     save_file_list(Path(outputs.checkpoint.dir), files)  # what a later refusal compares the data with
     restored = restore_or_start(session, plan, phases)
     # history.csv and TensorBoard drop what was trained after the restored checkpoint.
-    session.callbacks = start_history(report_dir, lambda: session.state, restored.stem if restored else None)
+    session.callbacks = start_history(
+        report_dir,
+        lambda: session.state,
+        restored.stem if restored else None,
+        restored.manifest.get("logs", {}) if restored else None,
+    )
     summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
     save_final(model, Path(outputs.model.save_path), final_metadata(session))
@@ -256,7 +262,8 @@ def report_already_complete(cfg: Config, data: DataSet, done: Checkpoint, report
         f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh)."
     )
     logs = done.manifest.get("logs", {})
-    write_missing_report(report_dir, cfg, data, done.state, logs)
+    with space_for(report_dir):
+        write_missing_report(report_dir, cfg, data, done.state, logs)
     return summary.outcome(cfg, done.state, logs, time.time() - started, "already complete")
 
 
@@ -349,8 +356,19 @@ def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
     )
     session.last_logs = {k: float(v[-1]) for k, v in history.history.items()}
     state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
-    if state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs or session.stop.raised:
+    disk_full = history_failure(session.callbacks)
+    boundary = state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs
+    # Not with a strategy: workers save in step, and the others' disks are not full.
+    if boundary or session.stop.raised or (disk_full and not session.strategy):
         write_checkpoint(session, session.last_logs)
+    if disk_full:  # the epoch is checkpointed (or its own error says why not) before the run stops
+        session.checkpoints.wait()
+        raise disk_full
+
+
+def history_failure(callbacks: list) -> DiskFull | None:
+    """The full disk history.csv or TensorBoard met at this epoch's end (history.EpochRecorder), if any."""
+    return next((cb.failed for cb in callbacks if getattr(cb, "failed", None)), None)
 
 
 def write_checkpoint(session: Session, logs: dict) -> str:

@@ -152,6 +152,20 @@ def test_tf_checkpoint_loads_with_latest_checkpoint_into_a_compiled_model(tmp_pa
     assert_same_weights(source, reader)
 
 
+def test_tf_checkpoint_passes_the_tutorial_restore_with_its_assertion(tmp_path, source, kind):
+    # TensorFlow's tutorial line, into a plain model of the same architecture: every Python
+    # object must be bound, tf.train.Checkpoint's own save_counter included.
+    save(source, tmp_path, "tf_checkpoint", twin=ARCHITECTURES[kind]())
+    model = ARCHITECTURES[kind]()
+    status = tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(str(tmp_path)))
+    status.assert_existing_objects_matched()
+    assert_same_weights(source, model)
+    # and our own restore of the same checkpoint (model plus optimizer state) still works
+    resumed = fresh_model(kind)
+    restore(resumed, list_checkpoints(tmp_path)[-1])
+    assert_same_weights(source, resumed)
+
+
 def test_flipped_byte_and_missing_file_fail_verification(tmp_path, small):
     ckpt = save(small, tmp_path, "weights_h5")
     path = tmp_path / (ckpt.stem + ".weights.h5")

@@ -21,6 +21,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import tensorflow as tf
 from pipeline.atomic_file import fsync_dir, fsync_file, replaced, write_json
 from pipeline.checkpoints.lock import LOCK_FILE
 from pipeline.config import CheckpointConfig
-from pipeline.errors import CheckpointError, IncompatibleCheckpoint
+from pipeline.errors import CheckpointError, DiskFull, IncompatibleCheckpoint
 from pipeline.state import TrainState
 
 SUFFIXES = {"keras": ".keras", "h5": ".h5", "weights_h5": ".weights.h5", "tf_checkpoint": ".ckpt"}
@@ -46,6 +47,34 @@ INCOMING = ".incoming-"
 # `.h5` full models are what the seed's users load, on purpose: Keras's "legacy
 # format" warning on every such save would only alarm them.
 logging.getLogger("absl").addFilter(lambda record: "considered legacy" not in record.getMessage())
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC as Python and h5py raise it (an OSError), or as TensorFlow's writers do (an OpError naming it)."""
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    return isinstance(err, tf.errors.OpError) and os.strerror(errno.ENOSPC) in str(err)
+
+
+@contextlib.contextmanager
+def space_for(path: Path | str | None = None) -> Iterator[None]:
+    """Turn a full disk while writing `path` into DiskFull naming it: one `error:` line and exit 2.
+
+    A write that fails this way has left the file it replaces, and every
+    committed checkpoint, as they were (temporary names, renamed last).
+    """
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        if path is None:  # an unforeseen writer: name its file if the error does, else quote it on one line
+            filename = getattr(err, "filename", None)
+            path = filename if filename else f"a file of the run ({' '.join(str(err).split())})"
+        raise DiskFull(
+            f"No space left on device writing {path}. Committed checkpoints are intact; "
+            "free space and run the same command to continue."
+        ) from err
 
 
 @dataclass
@@ -120,7 +149,11 @@ def save_model_file(model: keras.Model, fmt: str, target: Path, twin: keras.Mode
         if twin is None:
             raise ValueError("checkpoint.format=tf_checkpoint is written from an optimizer-free twin; pass one")
         twin.set_weights(model.get_weights())
-        tf.train.Checkpoint(model=twin).write(str(target))
+        checkpoint = tf.train.Checkpoint(model=twin)
+        # write() stores only objects that exist, and save_counter is created on first use: without
+        # it TensorFlow's tutorial line `restore(...).assert_existing_objects_matched()` fails on it.
+        checkpoint.save_counter.assign(1)
+        checkpoint.write(str(target))
 
 
 def save_state_file(model: keras.Model, target: Path) -> None:
@@ -167,8 +200,11 @@ def save_checkpoint(
     directory = Path(cfg.dir)
     try:
         return write_checkpoint_files(model, cfg, stem, state, logs, fingerprint, twin)
-    except OSError as err:
-        reason = "No space left on device" if err.errno == errno.ENOSPC else str(err)
+    except (OSError, tf.errors.OpError) as err:
+        # TensorFlow's writer (tf_checkpoint) reports a full disk as an OpError; others of its errors are bugs.
+        if not (isinstance(err, OSError) or is_disk_full(err)):
+            raise
+        reason = "No space left on device" if is_disk_full(err) else str(err)
         raise CheckpointError(
             f"{reason}: could not write checkpoint {stem} in {directory}. "
             "The previous checkpoints are intact; free space and run the same "

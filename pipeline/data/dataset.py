@@ -186,6 +186,7 @@ def read_dataset(cfg: DataConfig) -> DataSet:
     for folder in (train_dir, val_dir):
         check_link_cycles(folder)
     classes = class_folders(train_dir)
+    check_class_names(classes, train_dir)
     if val_dir.is_dir():
         augmenter = make_augmenter(cfg)
         names, train = index_folder(augmenter, train_dir, cfg, classes=classes)
@@ -240,6 +241,17 @@ def class_folders(split_dir: Path) -> list[str]:
     return [name for name in folders if not name.startswith(".")]
 
 
+def check_class_names(names: list[str], split_dir: Path) -> None:
+    """Refuse a class name with a tab or a line break: labels.txt holds one name a line and
+    predict prints tab-separated rows, so such a name would split into two (or shift a column)."""
+    bad = [name for name in names if "\t" in name or name.splitlines() != [name]]
+    if bad:
+        raise DataError(
+            f"class folder name(s) in {split_dir} with a tab or line break: {', '.join(map(repr, bad))}; "
+            "rename them (class names are written one a line and in tab-separated columns)"
+        )
+
+
 def check_layout(names: list[str], train: Split, validation: Split, root: Path) -> None:
     """Refuse fewer than two classes, a training class without images, or no validation images."""
     if len(names) < 2:
@@ -254,6 +266,7 @@ def check_layout(names: list[str], train: Split, validation: Split, root: Path) 
 def check_validation_classes(names: list[str], val_dir: Path) -> None:
     """Refuse a validation class that training does not have: its images would be silently unused."""
     extra = [name for name in class_folders(val_dir) if name not in names]
+    check_class_names(extra, val_dir)
     if extra:
         raise DataError(
             f"class folder(s) in {val_dir} that {val_dir.parent / 'train'} does not have: "

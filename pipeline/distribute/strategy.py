@@ -12,14 +12,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import tensorflow as tf
 
 from pipeline.config import DistributeConfig
 from pipeline.data.dataset import Batches
 from pipeline.distribute.tf_config import WorkerRole
+from pipeline.training.feature_cache import remove_dead_scratch
+
+# A worker's scratch folder in the temporary folder: `pipeline-worker-<pid>-<index>-<random>`;
+# the pid lets the next run remove the folder of a worker that was SIGKILLed.
+WORKER_SCRATCH = "pipeline-worker-"
 
 
 def make_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy | None:
@@ -118,12 +125,14 @@ def scratch_folder(role: WorkerRole):
     """Where a non-chief worker writes what the chief writes for users; removed afterwards.
 
     Every worker runs the same saves (saving may take part in collective ops),
-    only the chief's land in checkpoint.dir and model.save_path.
+    only the chief's land in checkpoint.dir and model.save_path. A worker
+    killed with SIGKILL cannot remove its own: every run's start removes those.
     """
+    remove_dead_scratch(Path(tempfile.gettempdir()), WORKER_SCRATCH)
     if role.is_chief:
         yield None
         return
-    folder = tempfile.mkdtemp(prefix=f"pipeline-worker{role.index}-")
+    folder = tempfile.mkdtemp(prefix=f"{WORKER_SCRATCH}{os.getpid()}-{role.index}-")
     try:
         yield folder
     finally:

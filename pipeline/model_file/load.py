@@ -9,6 +9,7 @@ a wrong path or a foreign file fails in a second.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ LEGACY_MAX_PIXELS = 89_478_485
 
 # The HDF5 attribute save.py writes the metadata into (defined here, where no TensorFlow is imported).
 METADATA_ATTR = "pipeline_metadata"
+# Keras before 3.12 ignored safe_mode for .h5 files (CVE-2025-9905): loading one ran the
+# Python code of its Lambda layers. pyproject.toml requires 3.12; this refuses an older one at run time.
+SAFE_KERAS = (3, 12)
 FINAL_MODEL_HINT = (
     "pass the final model that training saved (model.save_path, e.g. model/my_saved_InceptionV3_model.h5)"
 )
@@ -105,12 +109,28 @@ def read_metadata_or_none(path: Path) -> dict | None:
 
 
 def load_model(info: ModelInfo):
-    """The Keras model, checked against its metadata. TensorFlow must be started (command.start_tensorflow)."""
+    """The Keras model, checked against its metadata. TensorFlow must be started (command.start_tensorflow).
+
+    The file comes from the user and may come from anyone: it is loaded in safe mode, which
+    refuses a Lambda layer's Python code instead of running it. (Training's own checkpoints are
+    restored with load_weights, which reads weights only and builds no layer from the file.)
+    """
     import keras
 
+    version = tuple(int(part) for part in re.findall(r"\d+", keras.__version__)[:2])
+    if version < SAFE_KERAS:
+        raise ModelFileError(
+            f"{info.path} not loaded: Keras {keras.__version__} ignores safe_mode for .h5 files (CVE-2025-9905), "
+            "so loading could run code stored in the file; install keras>=3.12 (pip install -e .)"
+        )
     try:
-        model = keras.models.load_model(info.path, compile=False)
+        model = keras.models.load_model(info.path, compile=False, safe_mode=True)
     except Exception as err:  # noqa: BLE001 - h5py and Keras raise many kinds for a file that is not a whole model
+        if "Lambda" in str(err) and "safe_mode" in str(err):  # Keras's safe-mode refusal
+            raise ModelFileError(
+                f"{info.path} refused: it holds a Lambda layer with Python code, which loading would run; "
+                "training never saves one, so this file was not saved by this pipeline's training"
+            ) from None
         first_line = str(err).strip().split("\n")[0]
         raise ModelFileError(
             f"{info.path} cannot be loaded as a Keras model ({first_line}); {FINAL_MODEL_HINT}"

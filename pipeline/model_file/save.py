@@ -16,18 +16,20 @@ import h5py
 import keras
 
 from pipeline.atomic_file import remove_leftovers, replaced, write_json
-from pipeline.checkpoints.store import reach
+from pipeline.checkpoints.store import reach, space_for
 from pipeline.model_file.load import METADATA_ATTR, metadata_path
 
 
 def save_final(model: keras.Model, path: Path, metadata: dict) -> None:
+    """Save atomically; a full disk raises DiskFull naming `path` and leaves any previous model whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for target in (path, metadata_path(path)):  # temporaries of a killed save
         remove_leftovers(target)
-    with replaced(path, durable=True) as tmp:
-        model.save(str(tmp), overwrite=True)
-        with h5py.File(tmp, "a") as f:
-            f.attrs[METADATA_ATTR] = json.dumps(metadata)
-        reach("final_before_rename")  # the file is whole, the old model still in place
-    write_json(metadata_path(path), metadata, durable=True)
+    with space_for(path):
+        with replaced(path, durable=True) as tmp:
+            model.save(str(tmp), overwrite=True)
+            with h5py.File(tmp, "a") as f:
+                f.attrs[METADATA_ATTR] = json.dumps(metadata)
+            reach("final_before_rename")  # the file is whole, the old model still in place
+        write_json(metadata_path(path), metadata, durable=True)

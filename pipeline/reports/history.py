@@ -24,6 +24,8 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from pipeline.atomic_file import replaced
+from pipeline.checkpoints.store import reach, space_for
+from pipeline.errors import DiskFull
 from pipeline.state import TrainState
 
 HISTORY = "history.csv"
@@ -76,8 +78,12 @@ def to_float(value) -> float:
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
-    """Rewrite the whole file under a temporary name: a kill mid-write leaves the previous file whole."""
-    with replaced(path) as tmp, open(tmp, "w", newline="") as f:
+    """Rewrite the whole file under a temporary name: a kill mid-write leaves the previous file whole.
+
+    A full disk raises DiskFull naming the file (the previous one still whole).
+    """
+    with space_for(path), replaced(path) as tmp, open(tmp, "w", newline="") as f:
+        reach("write_history")  # PIPELINE_ENOSPC_AT=write_history: a full disk here, for tests
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         # repr keeps every digit, so a value read back equals the one logged (report.best_epoch relies on it)
@@ -91,21 +97,35 @@ def format_cell(value) -> str:
 
 
 def start_history(
-    report_dir: Path, state_of: Callable[[], TrainState], resumed_from: str | None
+    report_dir: Path,
+    state_of: Callable[[], TrainState],
+    resumed_from: str | None,
+    restored_logs: dict | None = None,
 ) -> list[keras.callbacks.Callback]:
     """Keep the rows up to the state training starts from; the callbacks that record the rest.
 
     `state_of()` is the run's live TrainState (train.Session.state), read when
     each epoch ends, before fit_epoch counts the epoch done. `resumed_from` is
-    the restored checkpoint's name, or None for a fresh start.
+    the restored checkpoint's name, or None for a fresh start; `restored_logs` its logs.
     """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     start = state_of()
     rows = [row for row in read_history(report_dir / HISTORY) if row["epoch"] <= start.epoch]
+    if restored_logs is not None and start.batch == 0 and start.epoch not in [0, *(r["epoch"] for r in rows)]:
+        # The disk was full when this epoch ended: its checkpoint committed, its row did not (train.fit_epoch).
+        rows.append(row_from_checkpoint(start, restored_logs))
     write_history(report_dir / HISTORY, rows)
-    writers = rebuild_tensorboard(report_dir / TENSORBOARD, rows)
+    with space_for(report_dir / TENSORBOARD):
+        writers = rebuild_tensorboard(report_dir / TENSORBOARD, rows)
     return [EpochRecorder(report_dir / HISTORY, rows, writers, state_of, resumed_from)]
+
+
+def row_from_checkpoint(state: TrainState, logs: dict) -> dict:
+    """The row of the epoch a checkpoint ended, from its logs (its rate and duration were not kept)."""
+    row = {"epoch": state.epoch, "phase": state.phase, "phase_epoch": state.phase_epoch, "resumed_from": ""}
+    row.update({k: to_float(logs.get(k)) for k in (*METRICS, "resumed_at")})  # NaN where the logs have none
+    return row
 
 
 def rebuild_tensorboard(logdir: Path, rows: list[dict]) -> dict:
@@ -152,6 +172,10 @@ class EpochRecorder(keras.callbacks.Callback):
         self.resumed_from = resumed_from  # marks the first row this process writes
         self.resumed_at: float | None = None
         self.started, self.lr = time.time(), float("nan")
+        # Set when the disk is full. Raised inside fit, it would also lose the epoch just
+        # trained: train.fit_epoch checkpoints that epoch first (it commits if checkpoints
+        # live on another disk), then raises this.
+        self.failed: DiskFull | None = None
 
     def on_train_begin(self, logs=None):
         state = self.state_of()
@@ -181,8 +205,12 @@ class EpochRecorder(keras.callbacks.Callback):
             row["resumed_from"], row["resumed_at"] = self.resumed_from, round(self.resumed_at or 0.0, 3)
             self.resumed_from = None
         self.rows.append(row)
-        write_history(self.path, self.rows)
-        write_scalars(self.writers, row)
+        try:
+            write_history(self.path, self.rows)
+            with space_for(self.path.parent / TENSORBOARD):
+                write_scalars(self.writers, row)
+        except DiskFull as err:
+            self.failed = err
 
 
 def current_learning_rate(model: keras.Model) -> float:

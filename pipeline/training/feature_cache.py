@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.atomic_file import fsync_dir, fsync_file
-from pipeline.checkpoints.store import reach, sha256
+from pipeline.checkpoints.store import reach, sha256, space_for
 from pipeline.config import DataConfig
 from pipeline.data.dataset import Batches, DataSet
 
@@ -121,7 +121,7 @@ def load_or_compute(cache_dir: Path, key: dict, compute: Callable[[Path], None])
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    remove_dead_scratch(cache_dir)
+    remove_dead_scratch(cache_dir, INCOMING)
     folder = cache_dir / entry_name(key)
     found = open_entry(folder, key)
     if found is not None:
@@ -131,8 +131,9 @@ def load_or_compute(cache_dir: Path, key: dict, compute: Callable[[Path], None])
         shutil.rmtree(folder, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{INCOMING}{os.getpid()}-", dir=cache_dir))
     try:
-        compute(scratch)
-        commit_entry(scratch, folder, key)
+        with space_for(folder):
+            compute(scratch)
+            commit_entry(scratch, folder, key)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     remove_stale_entries(cache_dir, folder, key)
@@ -181,10 +182,13 @@ def open_entry(folder: Path, key: dict) -> Features | None:
     return Features(train, validation, folder, reused=True)
 
 
-def remove_dead_scratch(cache_dir: Path) -> None:
-    """Scratch folders of runs that died while caching; a live run's own is left alone."""
-    for scratch in cache_dir.glob(INCOMING + "*"):
-        pid = scratch.name[len(INCOMING) :].split("-", 1)[0]
+def remove_dead_scratch(parent: Path, prefix: str) -> None:
+    """Scratch folders `<prefix><pid>-...` in `parent` whose process has died; a live run's own are left alone.
+
+    Here for the cache's scratch entries, and for multi-worker scratch folders (distribute/strategy.py).
+    """
+    for scratch in Path(parent).glob(prefix + "*"):
+        pid = scratch.name[len(prefix) :].split("-", 1)[0]
         if not (pid.isdigit() and process_alive(int(pid))):
             shutil.rmtree(scratch, ignore_errors=True)
 
