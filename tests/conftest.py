@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.config import Config
@@ -85,3 +86,15 @@ def sweep_args(tmp: Path, data: Path, *extra) -> list[str]:
     return [a for a in run_args(tmp, data, *extra) if not a.startswith("hydra.run")] + [
         f"hydra.sweep.dir={tmp / 'multirun'}"
     ]
+
+
+def final_weights(run_dir: Path) -> list[np.ndarray]:
+    """The weights of the final model a run left in run_dir/model/final.h5."""
+    import keras
+
+    return [w.numpy() for w in keras.models.load_model(run_dir / "model" / "final.h5", compile=False).weights]
+
+
+def largest_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """The largest absolute difference between two lists of weights of the same shapes."""
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
