@@ -90,6 +90,7 @@ def test_a_full_disk_in_the_background_surfaces_as_the_same_error(tmp_path, monk
 KILLED_MID_WRITE = textwrap.dedent("""
     import sys
     import numpy as np
+    from conftest import from_conf
     from test_checkpoint import FINGERPRINT, X, Y, trained_model
     from pipeline.state import TrainState
     from pipeline.checkpoints.writer import CheckpointWriter
