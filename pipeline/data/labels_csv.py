@@ -142,14 +142,20 @@ def check_path(row: Row, root: Path, seen: dict[str, Row], column: str) -> tuple
     if os.path.commonpath([real_root, real]) != real_root:
         return f"column {column!r}: {row.path!r} leads outside data.dir, to {real} (a symbolic link)", normal
     if not full.exists():
-        return f"column {column!r}: no such file {full}", normal
+        return f"column {column!r}: no such file {one_line(full)}", normal
     if not full.is_file():
-        return f"column {column!r}: {full} is not a file", normal
+        return f"column {column!r}: {one_line(full)} is not a file", normal
     first = seen.setdefault(normal, row)
     if first is not row:
         where = f"line {first.line}" if first.file == row.file else f"{first.file}:{first.line}"
         return f"column {column!r}: {row.path!r} is listed twice (also {where}); list each image once", normal
     return None, normal
+
+
+def one_line(path: Path) -> str:
+    """A path as is, or quoted with escapes if it holds a line break or tab: one bad row, one line."""
+    text = str(path)
+    return repr(text) if text.splitlines() != [text] or "\t" in text else text
 
 
 def describe_problems(problems: list[str]) -> str:
