@@ -1,8 +1,9 @@
 """The train and validation generators: files, labels, and batches.
 
-`ImageDataGenerator.flow_from_directory` indexes the folders (class order,
-file list, the validation split) and the ImageDataGenerator owns the
-augmentation settings. Batches are then served by a Keras `PyDataset` whose
+`ImageDataGenerator.flow_from_directory` indexes class folders (class order,
+file list; read_dataset picks the layout: train/ folders or flat class
+folders), labels_csv.py reads a CSV instead, and the ImageDataGenerator owns
+the augmentation settings. Batches are then served by a Keras `PyDataset` whose
 content depends only on (seed, epoch, batch index): Keras's own iterator
 reseeds NumPy's global generator in call order, so after a resume, or with
 parallel workers, it would serve a different order than an uninterrupted run.
