@@ -169,7 +169,8 @@ def make_fingerprint(cfg: Config, data: DataSet, files: dict | None = None) -> d
         "data.interpolation": d.interpolation,
         # Unused where the validation images are named (validation/, data.validation_csv).
         "data.validation_split": d.validation_split if data.held_out else None,
-        "data.split_seed": d.split_seed if data.held_out == "seeded" else None,
+        # Only where it chooses the validation images (holdout.py): a split layout's run ignores it.
+        **({"data.split_seed": d.split_seed} if data.held_out == "seeded" else {}),
         **{f"data.{key}": getattr(d, key) for key in AUGMENTATION},
         "train.seed": t.seed,
         "train.precision": t.precision,

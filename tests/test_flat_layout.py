@@ -97,3 +97,16 @@ def test_data_classes_orders_class_folders_and_must_name_them_all(flat_data):
     assert data.class_names == ["triangle", "square", "circle"] and data.train.counts(3) == [3, 3, 3]
     with pytest.raises(DataError, match=r"no folder for hexagon; folder\(s\) circle not listed"):
         read_dataset(data_config(flat_data, classes=["triangle", "square", "hexagon"]))
+
+
+def test_a_changed_split_seed_refuses_to_resume_by_name(tmp_path, flat_data):
+    """Another seed holds out other images: a checkpoint of the old split must not continue silently."""
+    from test_fingerprint import config_for, fingerprint_of, write_record
+
+    from pipeline.checkpoints.resume import plan_resume
+    from pipeline.errors import CheckpointError
+
+    write_record(tmp_path / "ckpt", fingerprint_of(config_for(flat_data)))
+    plan_resume(tmp_path / "ckpt", fingerprint_of(config_for(flat_data)), None)  # the same split resumes
+    with pytest.raises(CheckpointError, match=r"data.split_seed 0 -> 3"):
+        plan_resume(tmp_path / "ckpt", fingerprint_of(config_for(flat_data, "data.split_seed=3")), None)
