@@ -14,6 +14,7 @@ from conftest import REPO, composed_defaults, data_config, from_conf
 from pipeline.config import validate
 from pipeline.data.dataset import file_list, read_dataset
 from pipeline.data.labels_csv import MAX_LISTED, read_label_files
+from pipeline.data.prepare import prepare_data
 from pipeline.errors import ConfigError, LabelFileError
 
 
@@ -177,3 +178,15 @@ def test_the_csv_keys_are_checked_with_the_config(changes, message, monkeypatch)
     config = dataclasses.replace(composed_defaults(), data=from_conf("data", **changes))
     with pytest.raises(ConfigError, match=message):
         validate(config)
+
+
+def test_on_bad_image_skip_skips_images_that_do_not_decode_but_never_bad_rows(tiny_data, tmp_path):
+    root = shutil.copytree(tiny_data, tmp_path / "d")
+    (root / "train" / "circle" / "broken.jpg").write_text("not an image")
+    rows = folder_rows(root, "train")
+    cfg = csv_config(root, tmp_path, rows, folder_rows(root, "validation"), on_bad_image="skip")
+    data = prepare_data(cfg, tmp_path / "outputs")
+    assert data.train.counts(3) == [4, 4, 4] and not any("broken" in p for p in data.train.filepaths)
+    bad_row = csv_config(root, tmp_path, rows + [["train/circle/gone.jpg", "circle"]], on_bad_image="skip")
+    with pytest.raises(LabelFileError, match="gone.jpg"):
+        prepare_data(bad_row, tmp_path / "outputs")

@@ -300,18 +300,10 @@ def order_classes(found: list[str], classes: list[str] | None, where: Path) -> l
     if classes is None:
         return found
     missing, extra = [c for c in classes if c not in found], [f for f in found if f not in classes]
-    if missing or extra:
-        raise DataError(
-            f"data.classes must name the class folders of {where} exactly: "
-            + "; ".join(
-                part
-                for part in (
-                    f"no folder for {', '.join(missing)}" if missing else "",
-                    f"folder(s) {', '.join(extra)} not listed" if extra else "",
-                )
-                if part
-            )
-        )
+    parts = [f"no folder for {', '.join(missing)}"] if missing else []
+    parts += [f"folder(s) {', '.join(extra)} not listed"] if extra else []
+    if parts:
+        raise DataError(f"data.classes must name the class folders of {where} exactly: {'; '.join(parts)}")
     return list(classes)
 
 
