@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import from_conf, shifted_by_hand
+from conftest import REPO, from_conf, run_cli, shifted_by_hand
 from PIL import Image
 
 from pipeline.errors import CommandError
@@ -171,6 +171,34 @@ def test_the_probabilities_are_the_mean_over_the_views(tiny_model, image_files):
     # control: the views change the answer far beyond that tolerance
     moved = max(float(np.abs(r.probabilities - r.plain).max()) for r in results)
     assert moved > 1e-3, moved
+
+
+@pytest.mark.e2e
+def test_predict_tta_prints_the_mean_over_the_views_training_used(tiny_model, image_files, tmp_path):
+    """The real command on a model file of the tiny model: its probabilities are the mean by hand."""
+    from pipeline.data.dataset import load_image
+    from pipeline.model_file.save import save_final
+
+    data = trained_with(horizontal_flip=True, fill_mode="nearest")
+    model_file = tmp_path / "tiny.h5"
+    save_final(tiny_model, model_file, {"class_names": ["a", "b", "c"], "image_size": SIZE, "config": {"data": data}})
+    result = run_cli(
+        str(model_file), *image_files, "--tta", "6", "--csv", "--top-k", "3", cwd=REPO, module="pipeline.predict"
+    )
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == image_files
+    k = int(half_shift(data["width_shift_range"], SIZE))
+    moved = 0.0
+    for path, row in zip(image_files, rows, strict=True):
+        cells = row.split(",")[1:7]
+        shown = {cells[i]: float(cells[i + 1]) for i in range(0, 6, 2)}  # ranked: back in class order
+        x = load_image(path, SIZE, data["interpolation"], data["max_pixels"])
+        by_hand = [x, x[:, ::-1], *(shifted_by_hand(x, r, d) for r, d in ((-k, 0), (k, 0), (0, -k), (0, k)))]
+        each = np.asarray(tiny_model(np.stack(by_hand), training=False))
+        np.testing.assert_allclose([shown[c] for c in "abc"], each.mean(axis=0), atol=1e-4)  # printed to 4 decimals
+        moved = max(moved, float(np.abs(each.mean(axis=0) - each[0]).max()))
+    assert moved > 1e-3, f"the image alone prints the same: the comparison means nothing ({moved})"
 
 
 def matrix_of(true, predicted):
