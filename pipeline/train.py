@@ -38,6 +38,7 @@ from pipeline.training.batch_saver import BatchSaver, StopFlag
 from pipeline.training.cached_phase import Feed, check_cached_cut, make_feed
 from pipeline.training.early_stopping import (
     StopRule,
+    announce_stop,
     count_epoch,
     describe_stops,
     improves,
@@ -378,12 +379,7 @@ def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
     value = session.last_logs.get(phase.stopping.monitor)
     stops = count_epoch(state, value, phase.stopping, phase.cfg.epochs)
     if stops:
-        rule = phase.stopping
-        print(
-            f"early stopping: the {phase.name} phase stops after epoch {state.epoch}: {rule.monitor} has not "
-            f"improved by more than {rule.min_delta:g} for {rule.patience} epochs (phase best {state.phase_best:.4f})",
-            flush=True,
-        )
+        print(announce_stop(state, phase.stopping), flush=True)
     disk_full = history_failure(session.callbacks)
     boundary = state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs
     # With model.final=best, a new best is always checkpointed, so the final model can be the best epoch.

@@ -18,7 +18,7 @@ from pipeline.checkpoints.store import list_checkpoints, load_weights, prune, sa
 from pipeline.config import Config
 from pipeline.state import TrainState
 from pipeline.train import Phase, advance, finished_run, monitor_improved
-from pipeline.training.early_stopping import StopRule, count_epoch, improves, resolve_mode
+from pipeline.training.early_stopping import StopRule, announce_stop, count_epoch, improves, resolve_mode
 
 MAX2 = StopRule("val_accuracy", "max", patience=2, min_delta=0.0)
 
@@ -68,6 +68,15 @@ def test_checkpoints_best_follows_checkpoint_mode():
 )
 def test_a_phase_stops_after_patience_epochs_without_improvement(values, rule, stops_after):
     assert epochs_until_stop(values, rule) == stops_after
+
+
+def test_a_monitor_with_no_value_counts_as_no_improvement_and_the_stop_says_so():
+    state = TrainState(epoch=2, phase_epoch=2, since_best=1)
+    assert count_epoch(state, None, MAX2, phase_epochs=5)
+    assert announce_stop(state, MAX2) == (
+        "early stopping: the head phase stops after epoch 2: val_accuracy has not improved by more than 0 "
+        "for 2 epochs (the phase's best none)"
+    )
 
 
 def test_patience_running_out_at_the_phases_last_epoch_is_no_early_stop():

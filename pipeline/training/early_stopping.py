@@ -96,6 +96,15 @@ def start_phase(state: TrainState, phase: str) -> None:
     state.phase_best, state.since_best = None, 0
 
 
+def announce_stop(state: TrainState, rule: StopRule) -> str:
+    """The line a run prints when its phase stops early."""
+    best = "none" if state.phase_best is None else f"{state.phase_best:.4f}"
+    return (
+        f"early stopping: the {state.phase} phase stops after epoch {state.epoch}: {rule.monitor} has not "
+        f"improved by more than {rule.min_delta:g} for {rule.patience} epochs (the phase's best {best})"
+    )
+
+
 def describe_stops(state: TrainState) -> str:
     """'the head phase stopped early at epoch 3, ...' for the phases that did; '' if none did."""
     return ", ".join(
