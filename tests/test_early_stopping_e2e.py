@@ -62,7 +62,8 @@ def killed(tmp_path_factory, tiny_data) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("killed")
     first = run_cli(*args(tmp, tiny_data, BATCHED), cwd=REPO, env=cli_env(PIPELINE_KILL_AT=KILL_AT))
     assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
-    assert "early stopping" not in first.stdout
+    # Killed inside epoch 3 (its end may have been printed: the background writer was two batches behind).
+    assert list_checkpoints(tmp / "ckpt")[-1].state.since_best == 1
     second = run_cli(*args(tmp, tiny_data, BATCHED), cwd=REPO)
     assert second.returncode == 0, second.stdout + second.stderr
     return tmp, second.stdout
