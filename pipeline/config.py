@@ -63,6 +63,7 @@ class ModelConfig:
     dropout: float = MISSING
     random_init_bn_momentum: float = MISSING
     save_path: str = MISSING
+    final: str = MISSING
 
 
 @dataclass
@@ -85,6 +86,14 @@ class FinetuneConfig(PhaseConfig):
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Values: conf/train/default.yaml (early_stopping:)."""
+
+    patience: int = MISSING
+    min_delta: float = MISSING
+
+
+@dataclass
 class TrainConfig:
     """Values: conf/train/default.yaml."""
 
@@ -95,6 +104,7 @@ class TrainConfig:
     cache_dir: str = MISSING
     head: PhaseConfig = MISSING
     finetune: FinetuneConfig = MISSING
+    early_stopping: EarlyStoppingConfig = MISSING
 
 
 @dataclass
@@ -158,6 +168,7 @@ FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 ON_BAD_IMAGE = ("fail", "skip")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("none", "mirrored", "multi_worker")
+FINAL_WEIGHTS = ("last", "best")
 
 
 def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
@@ -244,6 +255,7 @@ def validate(config: Config) -> None:
     between("model.random_init_bn_momentum", m.random_init_bn_momentum, 0.0, 1.0)
     if not m.save_path.endswith(".h5"):
         raise ConfigError(f"model.save_path={m.save_path!r} must end in .h5 (the final model is an HDF5 file)")
+    one_of("model.final", m.final, FINAL_WEIGHTS)
     for name, phase in (("head", t.head), ("finetune", t.finetune)):
         at_least(f"train.{name}.epochs", phase.epochs, 0)
         if not phase.lr > 0:
@@ -251,6 +263,8 @@ def validate(config: Config) -> None:
         one_of(f"train.{name}.optimizer", phase.optimizer, OPTIMIZERS)
         one_of(f"train.{name}.schedule", phase.schedule, SCHEDULES)
         at_least(f"train.{name}.cached_views", phase.cached_views, 0)
+    at_least("train.early_stopping.patience", t.early_stopping.patience, 0, "0 turns early stopping off")
+    at_least("train.early_stopping.min_delta", t.early_stopping.min_delta, 0.0, "in the monitor's unit")
     at_least("train.threads", t.threads, 0)
     one_of("train.precision", t.precision, PRECISIONS)
     validate_finetune_cache(t.finetune, m.weights)
