@@ -45,10 +45,11 @@ def test_defaults_are_the_values_conf_writes():
     assert config.data.batch_size == 16 and config.data.workers == 2 and config.data.interpolation == "bilinear"
     assert config.checkpoint.format == "h5" and config.checkpoint.keep_last == 3
     assert config.distribute.strategy == "none" and config.distribute.local_workers == 0
+    assert config.logger.name == "none" and config.logger.tracking_uri == "sqlite:///mlruns.db"
 
 
 SCHEMA = [schema.Config, schema.DataConfig, schema.ModelConfig, schema.TrainConfig, schema.PhaseConfig]
-SCHEMA += [schema.FinetuneConfig, schema.CheckpointConfig, schema.DistributeConfig]
+SCHEMA += [schema.FinetuneConfig, schema.CheckpointConfig, schema.DistributeConfig, schema.LoggerConfig]
 
 
 @pytest.mark.parametrize("cls", SCHEMA, ids=lambda cls: cls.__name__)
@@ -148,6 +149,9 @@ def test_wrong_type_is_refused_while_composing():
         ("model.weights=/no/such/file.h5", "model.weights"),
         ("model.dropout=1.0", "model.dropout"),
         ("model.save_path=model/final.keras", "model.save_path"),
+        ("logger.on_error=ignore", "logger.on_error"),
+        ("logger.timeout=0", "logger.timeout"),
+        ("logger.retries=-1", "logger.retries"),
     ],
 )
 def test_bad_values_name_their_key(override, key):
