@@ -87,7 +87,8 @@ def test_each_committed_epoch_is_logged_once_across_a_killed_and_resumed_process
     assert second.run_id == first.run_id == json.loads((tmp / "ckpt" / RUN_FILE).read_text())["run_id"]
     second.log_committed_epochs(2)
     second.log_committed_epochs(2)  # the same commit seen again (the start-up catch-up, then on_commit)
-    assert steps(client, second.run_id) == {key: [1, 2] for key in METRICS}  # epoch 3 is not committed
+    # Epoch 3 is in history.csv, its checkpoint not committed (a kill now trains it again): not logged.
+    assert steps(client, second.run_id) == {key: [1, 2] for key in METRICS}
     logged = {m.step: m.value for m in client.get_metric_history(second.run_id, "val_loss")}
     assert logged == {row["epoch"]: row["val_loss"] for row in history_rows(2)}
     # Control: a process that did not look up what the run holds logs epoch 2 a second time.
