@@ -229,7 +229,11 @@ def train_and_save(
         return report_already_complete(cfg, data, done, report_dir, started)
     save_file_list(Path(outputs.checkpoint.dir), files)  # what a later refusal compares the data with
     # After the plan (+resume=false archives the MLflow run id with the checkpoints), before any commit.
-    tracker = Tracker(cfg.logger) if read_only else start_tracking(cfg, report_dir, Path(outputs.checkpoint.dir))
+    tracker = (
+        Tracker(cfg.logger)
+        if read_only
+        else start_tracking(cfg, report_dir, Path(outputs.checkpoint.dir), fresh=not plan.candidates)
+    )
     restored = restore_or_start(session, plan, phases, tracker.on_commit)
     # history.csv and TensorBoard drop what was trained after the restored checkpoint.
     session.callbacks = start_history(

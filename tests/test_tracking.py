@@ -80,10 +80,10 @@ def store(local_store, tmp_path, request):
 
 def test_each_committed_epoch_is_logged_once_across_a_killed_and_resumed_process(store):
     tmp, cfg, client = store
-    first = start_tracking(cfg, tmp / "outputs", tmp / "ckpt")
+    first = start_tracking(cfg, tmp / "outputs", tmp / "ckpt", fresh=False)
     first.log_committed_epochs(1)
     # Killed after epoch 2's checkpoint committed, before the log: the next process starts from epoch 2.
-    second = start_tracking(cfg, tmp / "outputs", tmp / "ckpt")
+    second = start_tracking(cfg, tmp / "outputs", tmp / "ckpt", fresh=False)
     assert second.run_id == first.run_id == json.loads((tmp / "ckpt" / RUN_FILE).read_text())["run_id"]
     second.log_committed_epochs(2)
     second.log_committed_epochs(2)  # the same commit seen again (the start-up catch-up, then on_commit)
@@ -99,20 +99,30 @@ def test_each_committed_epoch_is_logged_once_across_a_killed_and_resumed_process
 
 def test_a_fresh_start_archives_the_run_id_and_opens_a_new_run(store):
     tmp, cfg, client = store
-    old = start_tracking(cfg, tmp / "outputs", tmp / "ckpt")
+    old = start_tracking(cfg, tmp / "outputs", tmp / "ckpt", fresh=False)
     archive_all(tmp / "ckpt")  # what +resume=false does with checkpoint.dir
-    new = start_tracking(cfg, tmp / "outputs", tmp / "ckpt")
+    new = start_tracking(cfg, tmp / "outputs", tmp / "ckpt", fresh=False)
     assert new.run_id != old.run_id
     assert len(client.search_runs([client.get_experiment_by_name(cfg.logger.experiment).experiment_id])) == 2
 
 
+def test_a_fresh_start_over_a_run_that_holds_epochs_opens_a_new_run(store):
+    """Checkpoints removed by hand, tracking.json left: epoch 1 of the new training is not epoch 1 logged before."""
+    tmp, cfg, client = store
+    old = start_tracking(cfg, tmp / "outputs", tmp / "ckpt", fresh=False)
+    assert start_tracking(cfg, tmp / "outputs", tmp / "ckpt", fresh=True).run_id == old.run_id  # nothing logged yet
+    old.log_committed_epochs(1)
+    new = start_tracking(cfg, tmp / "outputs", tmp / "ckpt", fresh=True)
+    assert new.run_id != old.run_id and steps(client, new.run_id)["loss"] == []
+
+
 def test_params_are_the_flattened_config_and_a_changed_value_on_resume_is_a_tag(store):
     tmp, cfg, client = store
-    run_id = start_tracking(cfg, tmp / "outputs", tmp / "ckpt").run_id
+    run_id = start_tracking(cfg, tmp / "outputs", tmp / "ckpt", fresh=False).run_id
     longer = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, finetune=dataclasses.replace(cfg.train.finetune, epochs=12))
     )
-    start_tracking(longer, tmp / "outputs", tmp / "ckpt")
+    start_tracking(longer, tmp / "outputs", tmp / "ckpt", fresh=False)
     run = client.get_run(run_id)
     assert run.data.params["train.finetune.epochs"] == "10" and run.data.params["data.image_size"] == "150"
     assert run.data.tags["changed.train.finetune.epochs"] == "12"

@@ -1,8 +1,9 @@
 """logger=mlflow in real runs: the local store, and a real `mlflow server` on a free localhost port
 with a run killed with SIGKILL between a commit and its log and resumed (one MLflow run, each epoch
-once), and a server that does not answer (exit 2 with nothing written, or with on_error=warn one
-warning and a full run). A kill before a commit, whose epoch is trained again, and the look-up that
-keeps an epoch from being logged twice are tested on their own in test_tracking.py.
+once), and a server that does not answer (exit 2, nothing written). A kill before a commit, whose
+epoch is trained again, the look-up that keeps an epoch from being logged twice, and on_error=warn
+(one warning, tracking off) are tested on their own in test_tracking.py: a run without tracking is
+what every other end-to-end test runs.
 
 Head phase only (2 epochs of 3 batches) to keep the runs short, as in test_resume_e2e.py.
 """
@@ -94,7 +95,7 @@ def server(tmp_path_factory):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=5)  # it waits for idle keep-alive connections; its store is a test's to lose
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -147,8 +148,8 @@ def test_a_killed_and_resumed_run_is_one_mlflow_run_with_each_epoch_once(server,
     for key in LEARNED:
         assert [s for s, _ in tracked[key]] == [s for s, _ in uninterrupted[key]] == [1, 2]
         assert all(abs(a - b) <= 1e-5 for (_, a), (_, b) in zip(tracked[key], uninterrupted[key], strict=True))
-    # Control: the tolerance tells epochs apart, so a curve shifted by one epoch would fail above.
-    assert abs(uninterrupted["loss"][0][1] - uninterrupted["loss"][1][1]) > 1e-3
+    # Control: epochs 1 and 2 differ by far more than the tolerance, so a curve shifted by an epoch would fail.
+    assert max(abs(uninterrupted[key][0][1] - uninterrupted[key][1][1]) for key in LEARNED) > 1e-4
 
 
 def test_a_server_that_does_not_answer_stops_the_run_before_anything_is_written(tmp_path, tiny_data):
@@ -158,13 +159,3 @@ def test_a_server_that_does_not_answer_stops_the_run_before_anything_is_written(
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith(f"error: logger.tracking_uri={uri}"), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no ckpt/, outputs/, model/ or cache/
-
-
-def test_with_on_error_warn_training_goes_on_and_says_so_once(tmp_path, tiny_data):
-    uri = f"http://127.0.0.1:{free_port()}"
-    args = args_for(tmp_path, tiny_data, uri, "logger.on_error=warn", "logger.timeout=2", "train.head.epochs=1")
-    result = run_cli(*args, cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    output = result.stdout + result.stderr
-    assert output.count("warning:") == 1 and "training without tracking (logger.on_error=warn)" in output
-    assert (tmp_path / "model" / "final.h5").is_file() and not (tmp_path / "ckpt" / RUN_FILE).exists()

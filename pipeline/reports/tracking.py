@@ -172,10 +172,11 @@ class Tracker:
         self.client = None
 
 
-def start_tracking(cfg: Config, report_dir: Path, checkpoint_dir: Path) -> Tracker:
+def start_tracking(cfg: Config, report_dir: Path, checkpoint_dir: Path, fresh: bool) -> Tracker:
     """The MLflow run named in checkpoint_dir's tracking.json, continued; or a new one, recorded there.
 
     Call after the resume plan (which archives tracking.json on +resume=false) and before any epoch.
+    `fresh`: training starts from epoch 0, so a recorded run that holds epochs is not continued.
     """
     logger = cfg.logger
     if logger.name == "none":
@@ -188,7 +189,7 @@ def start_tracking(cfg: Config, report_dir: Path, checkpoint_dir: Path) -> Track
     client = MlflowClient(logger.tracking_uri)
     tracker = Tracker(logger, client, "", report_dir)
     try:
-        run = continued_run(client, Path(checkpoint_dir) / RUN_FILE, logger.tracking_uri)
+        run = continued_run(client, Path(checkpoint_dir) / RUN_FILE, logger.tracking_uri, fresh)
         if run is None:
             run = new_run(client, logger, report_dir.name, Path(checkpoint_dir))
         tracker.run_id = run.info.run_id
@@ -199,8 +200,9 @@ def start_tracking(cfg: Config, report_dir: Path, checkpoint_dir: Path) -> Track
     return tracker
 
 
-def continued_run(client, run_file: Path, uri: str):
-    """The MLflow run a previous process of this training run opened, set RUNNING; None if there is none."""
+def continued_run(client, run_file: Path, uri: str, fresh: bool):
+    """The MLflow run a previous process of this training run opened, set RUNNING; None if there is none,
+    or if training starts afresh (its checkpoints removed by hand) and the run holds epochs."""
     try:
         recorded = json.loads(run_file.read_text())
     except (OSError, ValueError):
@@ -213,6 +215,9 @@ def continued_run(client, run_file: Path, uri: str):
         run = client.get_run(recorded["run_id"])
     except MlflowException:
         print(f"note: MLflow run {recorded['run_id']} ({run_file}) is gone from {uri}; starting a new one")
+        return None
+    if fresh and run.data.metrics:
+        print(f"note: training starts afresh; MLflow run {run.info.run_id} keeps the earlier epochs, a new one starts")
         return None
     client.update_run(run.info.run_id, status="RUNNING")
     print(f"MLflow: continuing run {run.info.run_id} in {uri}", flush=True)
