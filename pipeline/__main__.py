@@ -173,7 +173,7 @@ def give_sweep_job_its_own_paths(config) -> None:
 def group_sweep_tracking(logger, hydra_cfg) -> None:
     """A sweep's jobs are one MLflow experiment, named after the sweep folder; each job is tagged
     with its number, which for an Optuna sweep is its trial's."""
-    logger.experiment = f"{logger.experiment}/{hydra_cfg.sweep.dir}"
+    logger.experiment = f"{logger.experiment}/{str(hydra_cfg.sweep.dir).strip('/')}"  # no `//` for an absolute dir
     logger.tags = {**logger.tags, "sweep.dir": str(hydra_cfg.sweep.dir), "sweep.job": str(hydra_cfg.job.num)}
     sweeper = str(hydra_cfg.sweeper.get("_target_", ""))
     if "optuna" in sweeper.lower():

@@ -174,7 +174,7 @@ def test_sweep_jobs_share_one_experiment_per_sweep_and_optuna_trials_are_tagged(
     logger = dataclasses.replace(composed_defaults().logger, tags={"team": "vision"})
     hydra_cfg = OmegaConf.create(
         {
-            "sweep": {"dir": "multirun/lr"},
+            "sweep": {"dir": "/runs/multirun/lr"},
             "job": {"num": 3},
             "sweeper": {
                 "_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
@@ -183,10 +183,10 @@ def test_sweep_jobs_share_one_experiment_per_sweep_and_optuna_trials_are_tagged(
         }
     )
     group_sweep_tracking(logger, hydra_cfg)
-    assert logger.experiment == "pipeline/multirun/lr"
+    assert logger.experiment == "pipeline/runs/multirun/lr"
     assert logger.tags == {
         "team": "vision",
-        "sweep.dir": "multirun/lr",
+        "sweep.dir": "/runs/multirun/lr",
         "sweep.job": "3",
         "optuna.study": "s",
         "optuna.trial": "3",
