@@ -8,6 +8,7 @@ PYTHON ?=
 ARGS ?=
 TESTS ?= tests
 PORT ?= 6006
+MLFLOW_PORT ?= 5000
 
 ifeq ($(strip $(PYTHON)),)
 PY := .venv/bin/python
@@ -18,7 +19,7 @@ STAMP := .make/installed-$(subst /,_,$(PYTHON))
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train lint test test-fast bench tensorboard clean-runs
+.PHONY: help setup train lint test test-fast bench tensorboard mlflow-ui clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,7 +29,7 @@ ifeq ($(strip $(PYTHON)),)
 	python3 -m venv .venv
 endif
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,mlflow]'
 	@mkdir -p $(dir $@) && touch $@
 
 setup: $(STAMP) ## create .venv and install the project (train and test do this themselves)
@@ -59,6 +60,9 @@ tensorboard: $(STAMP) ## TensorBoard over outputs/ and multirun/ on localhost:60
 	@$(PY) -c "import tensorboard" 2>/dev/null || $(PY) -m pip install --quiet -e '.[tensorboard]'
 	@mkdir -p outputs multirun
 	$(PY) -m tensorboard.main --logdir_spec outputs:outputs,multirun:multirun --host localhost --port $(PORT)
+
+mlflow-ui: $(STAMP) ## the MLflow UI over the local store (logger=mlflow's default, mlruns.db) on localhost:5000 (MLFLOW_PORT=...)
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean-runs: ## delete outputs/ and multirun/ (Hydra's logs); never touches ckpt/, model/ or data/
 	rm -rf outputs multirun

@@ -24,8 +24,16 @@ from pipeline.config import register_config, run_name, to_config  # noqa: E402
 from pipeline.data.labels_csv import read_label_files  # noqa: E402
 from pipeline.distribute.local_workers import run_local_workers  # noqa: E402
 from pipeline.distribute.tf_config import check_tf_config  # noqa: E402
-from pipeline.errors import ConfigError, LabelFileError, WorkerFailed, is_preemption, is_user_error  # noqa: E402
+from pipeline.errors import (  # noqa: E402
+    ConfigError,
+    LabelFileError,
+    TrackingError,
+    WorkerFailed,
+    is_preemption,
+    is_user_error,
+)
 from pipeline.quiet import import_tensorflow_quietly  # noqa: E402
+from pipeline.reports.tracking import check_tracking  # noqa: E402
 from pipeline.run_names import adopt_folder_named_with_epochs  # noqa: E402
 from pipeline.sweep.job_process import run_in_child  # noqa: E402
 from pipeline.sweep.memory import peak_memory_mb, reset_peak_memory  # noqa: E402
@@ -55,6 +63,8 @@ def main(cfg: DictConfig):
             read_label_files(config.data)
         give_sweep_job_its_own_paths(config)
         check_tf_config(config.distribute)
+        # A tracking server that does not answer stops the run here, with nothing written (reports/tracking.py).
+        config.logger = check_tracking(config.logger)
         # Before anything in checkpoint.dir or the run's folder is cleaned or truncated (lock.py).
         with lock_for_run(config):
             outcome = run_training(cfg, config, notes, resume)
@@ -76,7 +86,7 @@ def main(cfg: DictConfig):
             # and the summary at the end exits non-zero (pipeline/sweep/results.py).
             record_result({"status": f"error: {err}"})
             return float("nan")
-        if isinstance(err, (ConfigError, LabelFileError)):
+        if isinstance(err, (ConfigError, LabelFileError, TrackingError)):
             remove_empty_run_dir()
         sys.exit(2)
 
@@ -157,6 +167,18 @@ def give_sweep_job_its_own_paths(config) -> None:
         print(f"note: {note}")
     save_path = Path(config.model.save_path)
     config.model.save_path = str(save_path.parent / job / save_path.name)
+    group_sweep_tracking(config.logger, hydra_cfg)
+
+
+def group_sweep_tracking(logger, hydra_cfg) -> None:
+    """A sweep's jobs are one MLflow experiment, named after the sweep folder; each job is tagged
+    with its number, which for an Optuna sweep is its trial's."""
+    logger.experiment = f"{logger.experiment}/{str(hydra_cfg.sweep.dir).strip('/')}"  # no `//` for an absolute dir
+    logger.tags = {**logger.tags, "sweep.dir": str(hydra_cfg.sweep.dir), "sweep.job": str(hydra_cfg.job.num)}
+    sweeper = str(hydra_cfg.sweeper.get("_target_", ""))
+    if "optuna" in sweeper.lower():
+        logger.tags["optuna.study"] = str(hydra_cfg.sweeper.get("study_name"))
+        logger.tags["optuna.trial"] = str(hydra_cfg.job.num)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,20 @@ class DistributeConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Values: conf/logger/mlflow.yaml (none.yaml takes them with tracking off)."""
+
+    name: str = MISSING
+    tracking_uri: str = MISSING
+    experiment: str = MISSING
+    on_error: str = MISSING
+    timeout: int = MISSING
+    retries: int = MISSING
+    log_model: bool = MISSING
+    tags: dict[str, str] = MISSING
+
+
+@dataclass
 class Config:
     """Values: conf/config.yaml (which group file fills each part)."""
 
@@ -140,6 +154,7 @@ class Config:
     train: TrainConfig = MISSING
     checkpoint: CheckpointConfig = MISSING
     distribute: DistributeConfig = MISSING
+    logger: LoggerConfig = MISSING
 
 
 def register_config() -> None:
@@ -169,6 +184,8 @@ ON_BAD_IMAGE = ("fail", "skip")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("none", "mirrored", "multi_worker")
 FINAL_WEIGHTS = ("last", "best")
+LOGGERS = ("none", "mlflow")
+ON_TRACKING_ERROR = ("fail", "warn")
 
 
 def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
@@ -279,6 +296,7 @@ def validate(config: Config) -> None:
     at_least("checkpoint.keep_last", c.keep_last, 1)
     validate_filename(c.filename)
     validate_distribute(config.distribute)
+    validate_logger(config.logger)
     for name in ("head", "finetune"):
         if getattr(t, name).cached_views and config.distribute.strategy != "none":
             raise ConfigError(
@@ -318,6 +336,15 @@ def validate_distribute(dist: DistributeConfig) -> None:
             f"distribute.local_workers={dist.local_workers} starts multi-worker processes; "
             f"it cannot be combined with distribute={dist.strategy}"
         )
+
+
+def validate_logger(logger: LoggerConfig) -> None:
+    one_of("logger.name", logger.name, LOGGERS)
+    one_of("logger.on_error", logger.on_error, ON_TRACKING_ERROR)
+    at_least("logger.timeout", logger.timeout, 1)
+    at_least("logger.retries", logger.retries, 0)
+    if logger.name == "mlflow" and not logger.experiment:
+        raise ConfigError("logger.experiment is empty; name the MLflow experiment runs are recorded under")
 
 
 def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None) -> None:

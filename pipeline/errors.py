@@ -58,6 +58,10 @@ class CheckpointInUse(RuntimeError):
     """Another live process holds the checkpoint folder's lock (checkpoints/lock.py)."""
 
 
+class TrackingError(RuntimeError):
+    """The experiment tracker (logger=mlflow) cannot be used: not installed, or its server does not answer."""
+
+
 class CommandError(ValueError):
     """Bad input to a stand-alone command (predict, evaluate, export); the message names the file or folder."""
 
@@ -103,6 +107,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,
     CheckpointInUse,
     DiskFull,
+    TrackingError,
     JobUserError,
 )
 PREEMPTIONS: tuple[type[Exception], ...] = (Preempted, JobPreempted)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from pipeline.model_file.save import save_final
 from pipeline.reports import console as summary
 from pipeline.reports.history import start_history
 from pipeline.reports.report import write_missing_report, write_run_report
+from pipeline.reports.tracking import Tracker, start_tracking
 from pipeline.state import TrainState
 from pipeline.training.batch_saver import BatchSaver, StopFlag
 from pipeline.training.cached_phase import Feed, check_cached_cut, make_feed
@@ -245,7 +247,13 @@ def train_and_save(
     if done:
         return report_already_complete(cfg, data, done, report_dir, started)
     save_file_list(Path(outputs.checkpoint.dir), files)  # what a later refusal compares the data with
-    restored = restore_or_start(session, plan, phases)
+    # After the plan (+resume=false archives the MLflow run id with the checkpoints), before any commit.
+    tracker = (
+        Tracker(cfg.logger)
+        if read_only
+        else start_tracking(cfg, report_dir, Path(outputs.checkpoint.dir), fresh=not plan.candidates)
+    )
+    restored = restore_or_start(session, plan, phases, tracker.on_commit)
     # history.csv and TensorBoard drop what was trained after the restored checkpoint.
     session.callbacks = start_history(
         report_dir,
@@ -253,11 +261,18 @@ def train_and_save(
         restored.stem if restored else None,
         restored.manifest.get("logs", {}) if restored else None,
     )
+    # Epochs committed by a run killed before it could log them; none twice (reports/tracking.py).
+    tracker.log_committed_epochs(session.state.epoch)
     summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
-    train_phases(session, phases, compiled_for=session.state.phase if restored else None)
-    weights_from = load_final_weights(session)
-    save_final(model, Path(outputs.model.save_path), final_metadata(session, weights_from))
-    write_report(session, report_dir)
+    try:
+        train_phases(session, phases, compiled_for=session.state.phase if restored else None)
+        weights_from = load_final_weights(session)
+        save_final(model, Path(outputs.model.save_path), final_metadata(session, weights_from))
+        write_report(session, report_dir)
+    except BaseException as err:
+        tracker.end_quietly("KILLED" if isinstance(err, Preempted) else "FAILED")
+        raise
+    tracker.finish(Path(outputs.model.save_path))
     return summary.print_closing(outputs, session.state, session.last_logs, time.time() - started)
 
 
@@ -289,14 +304,23 @@ def report_already_complete(cfg: Config, data: DataSet, done: Checkpoint, report
     return summary.outcome(cfg, done.state, logs, time.time() - started, "already complete")
 
 
-def restore_or_start(session: Session, plan: ResumePlan, phases: list[Phase]) -> Checkpoint | None:
-    """Restore the newest usable checkpoint into the session, or start at the first phase; the one restored."""
+def restore_or_start(
+    session: Session, plan: ResumePlan, phases: list[Phase], also_on_commit: Callable[[Checkpoint], None]
+) -> Checkpoint | None:
+    """Restore the newest usable checkpoint into the session, or start at the first phase; the one restored.
+
+    `also_on_commit(checkpoint)` runs after each later commit, once it is announced (the tracker's log).
+    """
     outputs = session.outputs
+    announce = prune_and_announce(outputs.checkpoint)
+
+    def on_commit(ckpt: Checkpoint) -> None:
+        announce(ckpt)
+        also_on_commit(ckpt)
+
     # Made before the restore, where a fresh run makes it too: building it draws from
     # Keras's seed generators, and a fresh and a resumed run must draw alike (checkpoints/writer.py).
-    session.writer = CheckpointWriter(
-        outputs.checkpoint, session.fingerprint, session.model, prune_and_announce(outputs.checkpoint)
-    )
+    session.writer = CheckpointWriter(outputs.checkpoint, session.fingerprint, session.model, on_commit)
     restored = restore_newest_usable(plan, session.compile_for_phase)
     if restored is None:
         session.state = TrainState(phase=phases[0].name)

@@ -45,10 +45,12 @@ def test_defaults_are_the_values_conf_writes():
     assert config.data.batch_size == 16 and config.data.workers == 2 and config.data.interpolation == "bilinear"
     assert config.checkpoint.format == "h5" and config.checkpoint.keep_last == 3
     assert config.distribute.strategy == "none" and config.distribute.local_workers == 0
+    assert config.logger.name == "none" and config.logger.tracking_uri == "sqlite:///mlruns.db"
 
 
 SCHEMA = [schema.Config, schema.DataConfig, schema.ModelConfig, schema.TrainConfig, schema.PhaseConfig]
 SCHEMA += [schema.FinetuneConfig, schema.EarlyStoppingConfig, schema.CheckpointConfig, schema.DistributeConfig]
+SCHEMA += [schema.LoggerConfig]
 
 
 @pytest.mark.parametrize("cls", SCHEMA, ids=lambda cls: cls.__name__)
@@ -151,6 +153,9 @@ def test_wrong_type_is_refused_while_composing():
         ("model.final=worst", "model.final"),
         ("train.early_stopping.patience=-1", "train.early_stopping.patience"),
         ("train.early_stopping.min_delta=-0.1", "train.early_stopping.min_delta"),
+        ("logger.on_error=ignore", "logger.on_error"),
+        ("logger.timeout=0", "logger.timeout"),
+        ("logger.retries=-1", "logger.retries"),
     ],
 )
 def test_bad_values_name_their_key(override, key):
