@@ -177,12 +177,18 @@ def fit_cache_defaults(cfg: DictConfig, config: Config) -> None:
 
     conf/train/default.yaml caches features by default with pretrained weights
     (the fast path). A default is still an interpolation in `cfg`; where the
-    rest of the configuration rules it out (a whole-base fine-tune has nothing
-    frozen to cache; reusing the head's views needs both phases to cache the
-    same number), it turns off instead of refusing the run.
+    rest of the configuration rules it out (a `distribute` strategy; a
+    whole-base fine-tune has nothing frozen to cache; reusing the head's views
+    needs both phases to cache the same number), it turns off instead of
+    refusing the run.
     """
     t, finetune = config.train, cfg.train.finetune
-    if OmegaConf.is_interpolation(finetune, "cached_views") and whole_base_finetune(t.finetune, config.model.weights):
+    distributed = config.distribute.strategy != "none"  # cached phases train in one process
+    if OmegaConf.is_interpolation(cfg.train.head, "cached_views") and distributed:
+        t.head.cached_views = 0
+    if OmegaConf.is_interpolation(finetune, "cached_views") and (
+        distributed or whole_base_finetune(t.finetune, config.model.weights)
+    ):
         t.finetune.cached_views = 0
     if OmegaConf.is_interpolation(finetune, "reuse_head_views") and not (
         t.head.epochs and t.head.cached_views and t.head.cached_views == t.finetune.cached_views

@@ -220,6 +220,8 @@ def test_speed_keys_default_to_the_fast_path_with_pretrained_weights_and_off_fro
         (["train.head.epochs=0"], (2, 2, False)),
         (["train.finetune.cached_views=3"], (2, 3, False)),
         (["train.head.cached_views=0"], (0, 2, False)),
+        (["distribute=mirrored"], (0, 0, False)),
+        (["distribute.local_workers=2"], (0, 0, False)),
         # values given are kept as given
         (["train.finetune.reuse_head_views=false"], (2, 2, False)),
         (["model.weights=null", "train.head.cached_views=1"], (1, 0, False)),
