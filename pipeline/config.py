@@ -201,8 +201,38 @@ def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
     config = OmegaConf.to_object(merged)
     assert isinstance(config, Config)  # merged onto the structured schema, so it converts back to Config
     notes = translate_seed_spellings(config.checkpoint) + imply_multi_worker(config.distribute)
+    fit_cache_defaults(cfg, config)
     validate(config)
     return config, notes
+
+
+def fit_cache_defaults(cfg: DictConfig, config: Config) -> None:
+    """The cached-view defaults step aside where they cannot apply; a value the user set is checked as given.
+
+    conf/train/default.yaml caches features by default with pretrained weights
+    (the fast path). A default is still an interpolation in `cfg`; where the
+    rest of the configuration rules it out (a `distribute` strategy; a
+    whole-base fine-tune has nothing frozen to cache; reusing the head's views
+    needs both phases to cache the same number), it turns off instead of
+    refusing the run.
+    """
+    t, finetune = config.train, cfg.train.finetune
+    distributed = config.distribute.strategy != "none"  # cached phases train in one process
+    if OmegaConf.is_interpolation(cfg.train.head, "cached_views") and distributed:
+        t.head.cached_views = 0
+    if OmegaConf.is_interpolation(finetune, "cached_views") and (
+        distributed or whole_base_finetune(t.finetune, config.model.weights)
+    ):
+        t.finetune.cached_views = 0
+    if OmegaConf.is_interpolation(finetune, "reuse_head_views") and not (
+        t.head.epochs and t.head.cached_views and t.head.cached_views == t.finetune.cached_views
+    ):
+        t.finetune.reuse_head_views = False
+
+
+def whole_base_finetune(finetune: FinetuneConfig, weights: str | None) -> bool:
+    """Whether the fine-tune phase trains the whole base (auto means so with weights=null)."""
+    return finetune.unfreeze_after == "none" or (finetune.unfreeze_after == "auto" and weights is None)
 
 
 def refuse_missing(cfg: Container) -> None:
@@ -349,8 +379,7 @@ def validate_logger(logger: LoggerConfig) -> None:
 
 def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None) -> None:
     """Cached fine-tuning needs a frozen lower part to cache; a whole-base fine-tune has none."""
-    whole_base = finetune.unfreeze_after == "none" or (finetune.unfreeze_after == "auto" and weights is None)
-    if finetune.cached_views and whole_base:
+    if finetune.cached_views and whole_base_finetune(finetune, weights):
         raise ConfigError(
             f"train.finetune.cached_views={finetune.cached_views} needs a frozen lower part to cache, but "
             f"train.finetune.unfreeze_after={finetune.unfreeze_after!r} trains the whole base"

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.e2e
 # difference in the features stays a difference of its own size. The head phase keeps Adam: its gradients are large.
 PHASES = ["train.head.epochs=2", "train.finetune.epochs=1", "train.finetune.optimizer=sgd"]
 CACHED = ["train.head.cached_views=2", "train.finetune.cached_views=1"]
-REUSED = ["train.head.cached_views=1", "train.finetune.cached_views=1", "train.finetune.reuse_head_views=true"]
+# With a weights file the defaults are the fast path (2 views at mixed8, computed once for both phases);
+# the exact path is one override away.
+EXACT = ["train.head.cached_views=0", "train.finetune.cached_views=0", "train.finetune.reuse_head_views=false"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_cached_phases_end_with_the_weights_of_uncached_training(
     cached_reference, tmp_path, tiny_data, calibrated_weights
 ):
     # K views of a K-epoch phase are exactly the augmentations the uncached run draws
-    result = run_cli(*args_for(tmp_path, tiny_data, calibrated_weights), cwd=REPO)
+    result = run_cli(*args_for(tmp_path, tiny_data, calibrated_weights, *EXACT), cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "feature cache" not in result.stdout
     uncached = final_weights(tmp_path)
@@ -155,14 +157,17 @@ def test_mixed_bfloat16_resumes_exactly_within_its_precision_and_its_final_model
     assert out.stdout.split()[-3:] == ["float32", "float32", "1.0"]
 
 
-def test_reused_views_cost_one_pass_for_both_phases_and_resume(tmp_path, tiny_data, calibrated_weights):
-    args = args_for(tmp_path, tiny_data, calibrated_weights, *REUSED)
+def test_the_defaults_with_pretrained_weights_cache_once_for_both_phases_and_resume_exactly(
+    cached_reference, tmp_path, tiny_data, calibrated_weights
+):
+    killed_dir, whole_dir = tmp_path / "killed", tmp_path / "uninterrupted"
+    args = args_for(killed_dir, tiny_data, calibrated_weights)  # no cache settings: the defaults
     killed = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_KILL_AT="after_manifest#2"))  # the head phase is done
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert killed.stdout.count("feature cache: computing") == 1, killed.stdout
-    assert "feature cache: computing 1 view(s) of 12 training and 6 validation images at mixed8" in killed.stdout
-    assert "feature cache: pooling the 1 view(s) at mixed8 for the head phase" in killed.stdout
-    entries = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "cache").iterdir()}
+    assert "feature cache: computing 2 view(s) of 12 training and 6 validation images at mixed8" in killed.stdout
+    assert "feature cache: pooling the 2 view(s) at mixed8 for the head phase" in killed.stdout
+    entries = {p.name.rsplit("-", 1)[0]: p for p in (killed_dir / "cache").iterdir()}
     assert sorted(entries) == ["mixed8", "pool_from_mixed8"]
 
     # The pooled features derived from mixed8 are what the base's pooling puts out for the same images.
@@ -179,4 +184,10 @@ def test_reused_views_cost_one_pass_for_both_phases_and_resume(tmp_path, tiny_da
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resume: from checkpoint transfer_02-" in resumed.stdout
     assert "feature cache: computing" not in resumed.stdout
-    assert "feature cache: reusing" in resumed.stdout and "(1 views at mixed8)" in resumed.stdout
+    assert "feature cache: reusing" in resumed.stdout and "(2 views at mixed8)" in resumed.stdout
+
+    whole = run_cli(*args_for(whole_dir, tiny_data, calibrated_weights), cwd=REPO)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert largest_difference(final_weights(whole_dir), final_weights(killed_dir)) <= 1e-5
+    # Control: fine-tuning on views of its own (the reference, K=1 for the fine-tune phase) ends far away.
+    assert largest_difference(cached_reference[1], final_weights(killed_dir)) > 1e-3

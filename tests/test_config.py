@@ -208,11 +208,35 @@ def test_image_check_keys_and_data_dir_are_validated(override, message):
 # --- the speed keys (train.precision, train.cache_dir, train.*.cached_views) ---
 
 
-def test_speed_keys_default_to_off():
+def cache_settings(*overrides):
+    t = to_config(hydra_compose(*overrides))[0].train
+    return t.head.cached_views, t.finetune.cached_views, t.finetune.reuse_head_views
+
+
+def test_speed_keys_default_to_the_fast_path_with_pretrained_weights_and_off_from_scratch():
     config, _ = to_config(hydra_compose())
     assert config.train.precision == "float32" and config.train.cache_dir == "cache"
-    assert config.train.head.cached_views == 0 and config.train.finetune.cached_views == 0
-    assert config.train.finetune.reuse_head_views is False
+    assert cache_settings() == (2, 2, True)  # weights=imagenet
+    assert cache_settings("model.weights=null") == (0, 0, False)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # defaults step aside where the rest rules them out, instead of refusing the run
+        (["train.finetune.unfreeze_after=none"], (2, 0, False)),
+        (["train.head.epochs=0"], (2, 2, False)),
+        (["train.finetune.cached_views=3"], (2, 3, False)),
+        (["train.head.cached_views=0"], (0, 2, False)),
+        (["distribute=mirrored"], (0, 0, False)),
+        (["distribute.local_workers=2"], (0, 0, False)),
+        # values given are kept as given
+        (["train.finetune.reuse_head_views=false"], (2, 2, False)),
+        (["model.weights=null", "train.head.cached_views=1"], (1, 0, False)),
+    ],
+)
+def test_cache_defaults_step_aside_where_they_cannot_apply(overrides, expected):
+    assert cache_settings(*overrides) == expected
 
 
 @pytest.mark.parametrize(
@@ -228,7 +252,7 @@ def test_speed_keys_default_to_off():
         (["train.finetune.unfreeze_after=none", "train.finetune.cached_views=2"], "set train.finetune.unfreeze_after"),
         # reusing the head phase's views needs both phases cached alike
         (
-            ["train.finetune.reuse_head_views=true", "train.finetune.cached_views=2"],
+            ["train.finetune.reuse_head_views=true", "train.head.cached_views=0", "train.finetune.cached_views=2"],
             "needs train.head.epochs, train.head.cached_views and train.finetune.cached_views all above 0 "
             "(they are 2, 0 and 2)",
         ),

@@ -45,6 +45,11 @@ def parse_args(argv):
     parser.add_argument("--head-epochs", type=int, help="override the head epochs of both runs")
     parser.add_argument("--finetune-epochs", type=int, help="override the fine-tune epochs of both runs")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="random weights and the speed options by hand, as before the defaults were fast (no pretrained base)",
+    )
     args = parser.parse_args(argv)
     args.plan = dict(QUICK if args.quick else FULL)
     for key in ("head_epochs", "finetune_epochs"):
@@ -90,34 +95,57 @@ def count_images(data_dir: Path) -> int:
     return sum(1 for _ in (data_dir / "train").rglob("*.jpg"))
 
 
+def run_settings(work: Path, args) -> dict[str, list[str]]:
+    """The pipeline's runs by name: what each adds to the shared command (weights, speed options)."""
+    from pipeline.bench.runs import exact_overrides, scratch_overrides
+
+    if args.from_scratch:
+        return {"speed options": scratch_overrides()}
+    weights = f"model.weights={args.base}"
+    return {"defaults": [weights], "exact": [weights, *exact_overrides()]}
+
+
 def bench_runs(data_dir: Path, work: Path, args, results: dict) -> None:
-    """Both recipes, same data, epochs and size, one after the other."""
-    from pipeline.bench.runs import (
-        epoch_breakdown,
-        run_classic,
-        run_pipeline,
-        speed_overrides,
-        steady_epoch_seconds,
-    )
+    """The classic recipe and the pipeline's runs, same data, base, epochs and size, one after the other."""
+    from pipeline.bench.runs import epoch_breakdown, run_classic, run_pipeline, steady_epoch_seconds, time_to_accuracy
 
     plan, size = args.plan, args.image_size
-    say(f"classic recipe: {plan['head_epochs']} head + {plan['finetune_epochs']} fine-tune epochs at {size} px ...")
-    classic = run_classic(data_dir, size, plan["head_epochs"], plan["finetune_epochs"], work / "classic.log")
+    base = "random weights" if args.from_scratch else f"the bench's pretrained base ({args.base.name})"
     say(
-        f"classic recipe:  {classic['seconds']:7.1f} s, last val_accuracy {classic['val_accuracy']:.3f} "
-        "(saving a full model every epoch and the final .h5, as the seed's script does)"
+        f"classic recipe: {plan['head_epochs']} head + {plan['finetune_epochs']} fine-tune epochs at {size} px "
+        f"from {base} ..."
     )
-    pipeline = run_pipeline(data_dir, work / "pipeline_run", size, plan["head_epochs"], plan["finetune_epochs"])
+    classic = run_classic(data_dir, size, plan["head_epochs"], plan["finetune_epochs"], work / "classic.log", args.base)
     say(
-        f"pipeline:        {pipeline['seconds']:7.1f} s, last val_accuracy {pipeline['val_accuracy']:.3f} "
-        f"({' '.join(o for o in speed_overrides(work) if 'cache_dir' not in o)})"
+        f"classic recipe:  {classic['seconds']:7.1f} s ({classic['cpu_seconds']:.0f} CPU s), last val_accuracy "
+        f"{classic['val_accuracy']:.3f} (saving a full model every epoch and the final .h5, as the seed's script does)"
     )
-    say(
-        f"  classic / pipeline wall time: {classic['seconds'] / pipeline['seconds']:.2f}x "
-        f"(target >= 3x); accuracy difference {100 * (pipeline['val_accuracy'] - classic['val_accuracy']):+.1f} points"
-    )
-    run = pipeline["run"]
-    say(f"  pipeline: first training step after {run.first_step:.1f} s")
+    # Time to accuracy: from the command to the first epoch within 2 points of the recipe's final accuracy.
+    target = classic["val_accuracy"] - 0.02
+    runs = {}
+    for name, settings in run_settings(work, args).items():
+        folder = work / f"pipeline_{name.replace(' ', '_')}"
+        run = run_pipeline(data_dir, folder, size, plan["head_epochs"], plan["finetune_epochs"], settings)
+        runs[name] = run
+        say(
+            f"pipeline, {name}: {run['seconds']:7.1f} s ({run['cpu_seconds']:.0f} CPU s), last val_accuracy "
+            f"{run['val_accuracy']:.3f} ({' '.join(o for o in settings if not o.startswith('model.weights=/'))})"
+        )
+        say(
+            f"  classic / pipeline ({name}): wall time {classic['seconds'] / run['seconds']:.2f}x, CPU time "
+            f"{classic['cpu_seconds'] / run['cpu_seconds']:.2f}x (target >= 3x); accuracy difference "
+            f"{100 * (run['val_accuracy'] - classic['val_accuracy']):+.1f} points"
+        )
+        for clock, key in (("wall", "curve"), ("CPU", "cpu_curve")):
+            ours, theirs = time_to_accuracy(run[key], target), time_to_accuracy(classic[key], target)
+            ratio = f" = {theirs / ours:.2f}x sooner (target >= 5x)" if theirs and ours else ""
+            say(
+                f"  {clock} time to val_accuracy >= {target:.3f}: classic {format_seconds(theirs)}, pipeline "
+                f"{format_seconds(ours)}{ratio}"
+            )
+    name = next(iter(runs))  # the breakdown of the first: the defaults (or the speed options from scratch)
+    run = runs[name]["run"]
+    say(f"  pipeline ({name}): first training step after {run.first_step:.1f} s")
     for phase in ("head", "finetune"):
         seconds = steady_epoch_seconds(run, phase)
         parts = epoch_breakdown(run, phase)
@@ -126,16 +154,23 @@ def bench_runs(data_dir: Path, work: Path, args, results: dict) -> None:
             # the first batch is inside "start"; the others hold the rest of the images
             results[f"{phase}_train_rate"] = (count_images(data_dir) - args.batch_size) / parts["train"]
             say(
-                f"  pipeline {phase} epoch, end to end (after the first): {seconds:.1f} s = fit's start to its "
-                f"first step {parts['start']:.1f} s + the other steps {parts['train']:.1f} s + validation "
-                f"{parts['validation']:.1f} s + checkpoint snapshot and the next fit's set-up {parts['between']:.1f} s"
+                f"  pipeline ({name}) {phase} epoch, end to end (after the first): {seconds:.1f} s = "
+                f"fit's start to its first step {parts['start']:.1f} s + the other steps {parts['train']:.1f} s "
+                f"+ validation {parts['validation']:.1f} s + checkpoint snapshot and the next fit's set-up "
+                f"{parts['between']:.1f} s"
             )
+
+
+def format_seconds(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{seconds:.1f} s"
 
 
 def bench_startup(data_dir: Path, work: Path, args, results: dict) -> None:
     from pipeline.bench.runs import measure_startup
 
-    startup = measure_startup(data_dir, work / "startup_run", args.image_size)
+    startup = measure_startup(
+        data_dir, work / "startup_run", args.image_size, next(iter(run_settings(work, args).values()))
+    )
     say(
         f"seconds from `python -m pipeline` to the first training step: fresh {startup['fresh']:.1f} s, "
         f"on resume {startup['resume']:.1f} s"
@@ -226,6 +261,12 @@ def main(argv=None) -> int:
         work = args.work or Path(scratch)
         data_dir = prepare_data(work, args.plan["per_class"])
         config = bench_config(data_dir, args)
+        args.base = None
+        if not args.from_scratch and {"runs", "startup"} & set(args.only):
+            from pipeline.bench.pretrained_base import pretrained_base
+
+            say("pretraining the bench's base (whole network, 2 of the sample classes, another seed) ...")
+            args.base = pretrained_base(work, args.image_size)
         configure_tensorflow(config)  # the pipeline's defaults (op determinism), as its runs have them
         say(f"bench: {'quick' if args.quick else 'full'}, data {data_dir}, {os.cpu_count()} cores")
         if "runs" in args.only:

@@ -9,11 +9,12 @@ Dense 1024 relu, softmax) trained with rmsprop, then everything after `mixed8`
 `--checkpoint-dir` it also saves as the users' own script does (the seed note):
 a full-model `ModelCheckpoint` every epoch (Keras 3's spelling of the seed's
 `transfer_{epoch:02d}-{val_acc:.2f}.ckpt`, `period=1`) and a final
-`model.save(...h5)`. `weights=None` because the bench runs offline; the recipe
-is otherwise as written.
+`model.save(...h5)`. The base starts from `--weights` (the bench's own
+pretrained base, pipeline/bench/pretrained_base.py) or random weights, because
+the bench runs offline; the recipe is otherwise as written.
 
     python -m pipeline.bench.classic_recipe DATA_DIR [--image-size 150] [--head-epochs 10] [--finetune-epochs 5]
-                                               [--checkpoint-dir DIR]
+                                               [--checkpoint-dir DIR] [--weights FILE]
 
 Prints one JSON line: seconds inside the script, last validation accuracy.
 """
@@ -48,6 +49,7 @@ def parse_args(argv):
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--checkpoint-dir", help="save a full model every epoch here, and the final .h5 beside it")
+    parser.add_argument("--weights", help="a no-top InceptionV3 weights file for the base (default: random init)")
     return parser.parse_args(argv)
 
 
@@ -69,11 +71,12 @@ def make_generators(data_dir: str, image_size: int, batch_size: int):
     return train, validation
 
 
-def build_classic_model(n_classes: int, image_size: int):
+def build_classic_model(n_classes: int, image_size: int, weights: str | None = None):
     from tensorflow.keras import Model, layers
     from tensorflow.keras.applications import InceptionV3
 
-    base = InceptionV3(weights=None, include_top=False, input_shape=(image_size, image_size, 3))
+    # The example's weights="imagenet", from a file when the bench brings its own pretrained base
+    base = InceptionV3(weights=weights, include_top=False, input_shape=(image_size, image_size, 3))
     x = layers.GlobalAveragePooling2D()(base.output)
     x = layers.Dense(1024, activation="relu")(x)
     outputs = layers.Dense(n_classes, activation="softmax")(x)
@@ -86,7 +89,7 @@ def train_classic(args) -> dict:
 
     tf.keras.utils.set_random_seed(args.seed)
     train, validation = make_generators(args.data_dir, args.image_size, args.batch_size)
-    model, base = build_classic_model(train.num_classes, args.image_size)
+    model, base = build_classic_model(train.num_classes, args.image_size, args.weights)
     for layer in base.layers:
         layer.trainable = False
     model.compile(optimizer="rmsprop", loss="categorical_crossentropy", metrics=["accuracy"])

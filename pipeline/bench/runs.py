@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -27,6 +29,11 @@ class Run:
     lines: list[str]
     spawned: float  # time.time() just before the process started
     epochs: list[dict] = field(default_factory=list)  # bench-event dicts, each with its "phase"
+    stamps: list[float] = field(default_factory=list)  # time.time() at which each of `lines` arrived
+    # CPU seconds the process had used when each line arrived, and in all: unlike wall time,
+    # hardly changed by other processes on a busy machine (docs/speed.md: reading the bench)
+    cpu_stamps: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0
 
     @property
     def first_step(self) -> float | None:
@@ -46,6 +53,7 @@ def run_process(
     The output is kept in `log` for a look at what a figure came from.
     """
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    cpu_before = children_cpu_seconds()
     spawned = time.time()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = Run(0.0, 0, [], spawned)
@@ -54,6 +62,8 @@ def run_process(
     try:
         for line in proc.stdout:
             run.lines.append(line.rstrip("\n"))
+            run.stamps.append(time.time())
+            run.cpu_stamps.append(process_cpu_seconds(proc.pid))
             for name in ("head", "finetune"):
                 if line.startswith(f"{name} epoch "):  # printed by train.fit_epoch before each fit
                     phase = name
@@ -66,21 +76,69 @@ def run_process(
     finally:
         proc.kill()
     run.seconds, run.returncode = time.time() - spawned, proc.returncode
+    run.cpu_seconds = children_cpu_seconds() - cpu_before
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("\n".join(run.lines) + "\n")
     return run
 
 
-def speed_overrides(work: Path) -> list[str]:
-    """The pipeline's speed options as the bench runs them (docs/speed.md)."""
-    # Feature caching: 2 augmented views, computed once (afresh, in this run's own folder)
-    # at mixed8 for both phases.
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process so far (Linux /proc; 0 where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    # after the command name: state is field 3, utime 14, stime 15, cutime 16, cstime 17 (man 5 proc)
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def validation_curve(run: Run, clock: str = "wall") -> list[tuple[float, float]]:
+    """(seconds from the command, val_accuracy) for each epoch, from Keras's epoch lines as they arrived.
+
+    Both the pipeline and the classic recipe print Keras's `verbose=2` line after
+    each epoch's validation, so this is the same clock for both. clock="cpu":
+    the process's CPU seconds at that line instead of the wall clock.
+    """
+    curve = []
+    for i, line in enumerate(run.lines):
+        match = VAL_ACCURACY.search(line)
+        if match and " - " in line:
+            seconds = run.cpu_stamps[i] if clock == "cpu" else run.stamps[i] - run.spawned
+            curve.append((seconds, float(match.group(1))))
+    return curve
+
+
+VAL_ACCURACY = re.compile(r"val_accuracy: ([0-9.]+)")
+
+
+def time_to_accuracy(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Seconds from the command to the first epoch whose validation accuracy reaches `target`."""
+    return next((seconds for seconds, accuracy in curve if accuracy >= target), None)
+
+
+def exact_overrides() -> list[str]:
+    """The exact, uncached path: what the defaults were before caching became one (docs/speed.md)."""
+    return ["train.head.cached_views=0", "train.finetune.cached_views=0", "train.finetune.reuse_head_views=false"]
+
+
+def scratch_overrides() -> list[str]:
+    """From random weights, the classic recipe's cut, and the speed options switched on by hand."""
+    return ["model.weights=null", "train.finetune.unfreeze_after=mixed8", *speed_overrides()]
+
+
+def speed_overrides() -> list[str]:
+    """The pipeline's speed options as the bench runs them from random weights (docs/speed.md)."""
+    # 2 augmented views computed once at mixed8 and reused by both phases; bf16 where the CPU has it.
     return [
         "train.head.cached_views=2",
         "train.finetune.cached_views=2",
         "train.finetune.reuse_head_views=true",
-        f"train.cache_dir={work / 'cache'}",
         f"train.precision={bench_precision()}",
     ]
 
@@ -100,38 +158,39 @@ def cpu_has_bf16() -> bool:
 
 
 def pipeline_command(
-    data_dir: Path, work: Path, image_size: int, head_epochs: int, finetune_epochs: int, extra: tuple[str, ...] = ()
+    data_dir: Path, work: Path, image_size: int, head_epochs: int, finetune_epochs: int, settings: list[str]
 ) -> list[str]:
-    """The pipeline's CLI as the classic recipe's equivalent: random init, fine-tuning after mixed8."""
+    """The pipeline's CLI with the classic recipe's data, size and epochs, plus `settings` (weights and the like)."""
     return [
         sys.executable,
         "-m",
         "pipeline.bench.probe",
         f"data.dir={data_dir}",
-        "model.weights=null",
         f"data.image_size={image_size}",
         f"train.head.epochs={head_epochs}",
         f"train.finetune.epochs={finetune_epochs}",
-        "train.finetune.unfreeze_after=mixed8",
-        *speed_overrides(work),
         f"checkpoint.dir={work / 'ckpt'}",
         f"model.save_path={work / 'model' / 'final.h5'}",
         f"hydra.run.dir={work / 'outputs'}",
-        *extra,
+        f"train.cache_dir={work / 'cache'}",  # afresh, in this run's own folder
+        *settings,
     ]
 
 
-def run_pipeline(data_dir: Path, work: Path, image_size: int, head_epochs: int, finetune_epochs: int) -> dict:
-    run = run_process(
-        pipeline_command(data_dir, work, image_size, head_epochs, finetune_epochs), log=work / "output.log"
-    )
+def run_pipeline(
+    data_dir: Path, work: Path, image_size: int, head_epochs: int, finetune_epochs: int, settings: list[str]
+) -> dict:
+    command = pipeline_command(data_dir, work, image_size, head_epochs, finetune_epochs, settings)
+    run = run_process(command, log=work / "output.log")
     if run.returncode != 0:
         raise RuntimeError("the pipeline run failed:\n" + "\n".join(run.lines[-30:]))
     result = json.loads((work / "outputs" / "result.json").read_text())
-    return {"seconds": run.seconds, "val_accuracy": result["last"], "run": run}
+    return {"seconds": run.seconds, "val_accuracy": result["last"], "run": run, **curves(run)}
 
 
-def run_classic(data_dir: Path, image_size: int, head_epochs: int, finetune_epochs: int, log: Path) -> dict:
+def run_classic(
+    data_dir: Path, image_size: int, head_epochs: int, finetune_epochs: int, log: Path, weights: Path | None = None
+) -> dict:
     """The classic recipe, saving as the seed's script does: a full model every epoch and the final .h5."""
     run = run_process(
         [
@@ -143,21 +202,30 @@ def run_classic(data_dir: Path, image_size: int, head_epochs: int, finetune_epoc
             f"--head-epochs={head_epochs}",
             f"--finetune-epochs={finetune_epochs}",
             f"--checkpoint-dir={log.parent / 'classic_ckpt'}",
+            *([f"--weights={weights}"] if weights else []),
         ],
         log=log,
     )
     if run.returncode != 0:
         raise RuntimeError("the classic recipe failed:\n" + "\n".join(run.lines[-30:]))
-    return {"seconds": run.seconds, "val_accuracy": json.loads(run.lines[-1])["val_accuracy"]}
+    return {
+        "seconds": run.seconds,
+        "val_accuracy": json.loads(run.lines[-1])["val_accuracy"],
+        **curves(run),
+    }
 
 
-def measure_startup(data_dir: Path, work: Path, image_size: int) -> dict:
+def curves(run: Run) -> dict:
+    return {"cpu_seconds": run.cpu_seconds, "curve": validation_curve(run), "cpu_curve": validation_curve(run, "cpu")}
+
+
+def measure_startup(data_dir: Path, work: Path, image_size: int, settings: list[str]) -> dict:
     """Seconds from the command to the first training step: fresh, then resumed from its checkpoint.
 
     The fresh run is killed once its first checkpoint has committed (the
     `checkpoint:` line), the resumed one once it has trained a step.
     """
-    command = pipeline_command(data_dir, work, image_size, 2, 1)
+    command = pipeline_command(data_dir, work, image_size, 2, 1, settings)
     fresh = run_process(command, stop_when=lambda line, run: line.startswith("checkpoint:"), log=work / "fresh.log")
     resumed = run_process(command, stop_when=lambda line, run: run.first_step is not None, log=work / "resume.log")
     if fresh.first_step is None or resumed.first_step is None or not any("resume: from" in x for x in resumed.lines):
