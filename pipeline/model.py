@@ -168,6 +168,7 @@ def compile_model(
         **compiled_metrics(model.output_shape[-1]),
         jit_compile=False,
     )
+    keep_saved_files_portable(model)
 
 
 def compiled_metrics(n_classes: int) -> dict:
@@ -176,3 +177,15 @@ def compiled_metrics(n_classes: int) -> dict:
     class's weight scales its whole row of the confusion matrix, which leaves balanced_accuracy as it
     is but makes the training macro_f1 a class-weighted one (val_macro_f1 is not)."""
     return {"metrics": ["accuracy"], "weighted_metrics": imbalance_metrics(n_classes)}
+
+
+def keep_saved_files_portable(model: keras.Model) -> None:
+    """Leave the imbalance scores out of the compile config that full-model saves record.
+
+    A .keras file recompiles from that config when loaded, and a class of this
+    package in it would make `keras.models.load_model` fail in any process that
+    has not imported the package (the seed's way of reading a checkpoint). The
+    config is taken now, as Keras would serialize it, without weighted_metrics.
+    """
+    saved = {k: v for k, v in model.get_compile_config().items() if k != "weighted_metrics"}
+    model.get_compile_config = lambda: saved

@@ -4,6 +4,7 @@ sets, and label smoothing, on small real objects; the kill -9 resume with them i
 from __future__ import annotations
 
 import copy
+import zipfile
 
 import keras
 import numpy as np
@@ -240,3 +241,16 @@ def test_label_smoothing_spreads_the_target_over_the_classes():
 def test_conf_defaults_leave_training_as_it_was():
     train = from_conf("train")
     assert train.class_weight == "none" and train.label_smoothing == 0.0
+
+
+def test_saved_models_name_only_keras_s_own_classes_so_any_process_loads_them(tmp_path):
+    model = tiny_model()
+    compile_model(model, "adam", 1e-3, label_smoothing=0.1)
+    model.run_eagerly = True
+    x, y = np.zeros((4, 4), dtype=np.float32), one_hot(np.array([0, 1, 2, 0]))
+    logs = model.fit(x, y, validation_data=(x, y), epochs=1, verbose=0).history
+    assert {"val_macro_f1", "val_balanced_accuracy"} <= set(logs)  # compiled all the same
+    model.save(tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as saved:
+        config = saved.read("config.json").decode()
+    assert '"label_smoothing": 0.1' in config and "pipeline" not in config

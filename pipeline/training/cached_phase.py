@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.data.dataset import DataSet, train_batches, validation_batches
 from pipeline.errors import ConfigError
-from pipeline.model import base_of, compiled_metrics, resolve_unfreeze_after
+from pipeline.model import base_of, compiled_metrics, keep_saved_files_portable, resolve_unfreeze_after
 from pipeline.training.feature_cache import (
     Features,
     compute_features,
@@ -268,3 +268,4 @@ def share_compilation(upper: keras.Model, full: keras.Model) -> None:
             "the layers above the cached cut are not exactly the layers that train; set the phase's cached_views=0"
         )
     upper.compile(optimizer=optimizer, loss=full.loss, **compiled_metrics(full.output_shape[-1]), jit_compile=False)
+    keep_saved_files_portable(upper)
