@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipeline.checkpoints.lock import lock_for_run  # noqa: E402
 from pipeline.config import register_config, run_name, to_config  # noqa: E402
+from pipeline.data.labels_csv import read_label_files  # noqa: E402
 from pipeline.distribute.local_workers import run_local_workers  # noqa: E402
 from pipeline.distribute.tf_config import check_tf_config  # noqa: E402
-from pipeline.errors import ConfigError, WorkerFailed, is_preemption, is_user_error  # noqa: E402
+from pipeline.errors import ConfigError, LabelFileError, WorkerFailed, is_preemption, is_user_error  # noqa: E402
 from pipeline.quiet import import_tensorflow_quietly  # noqa: E402
 from pipeline.run_names import adopt_folder_named_with_epochs  # noqa: E402
 from pipeline.sweep.job_process import run_in_child  # noqa: E402
@@ -50,6 +51,8 @@ def main(cfg: DictConfig):
     try:
         resume = parse_resume(cfg.get("resume"))
         config, notes = to_config(cfg)
+        if config.data.labels_csv:  # every row, before the run's folder or checkpoints are written to
+            read_label_files(config.data)
         give_sweep_job_its_own_paths(config)
         check_tf_config(config.distribute)
         # Before anything in checkpoint.dir or the run's folder is cleaned or truncated (lock.py).
@@ -73,7 +76,7 @@ def main(cfg: DictConfig):
             # and the summary at the end exits non-zero (pipeline/sweep/results.py).
             record_result({"status": f"error: {err}"})
             return float("nan")
-        if isinstance(err, ConfigError):
+        if isinstance(err, (ConfigError, LabelFileError)):
             remove_empty_run_dir()
         sys.exit(2)
 

@@ -36,6 +36,12 @@ class DataConfig:
     image_size: int = MISSING
     batch_size: int = MISSING
     validation_split: float = MISSING
+    split_seed: int = MISSING
+    labels_csv: str | None = MISSING
+    validation_csv: str | None = MISSING
+    path_column: str = MISSING
+    label_column: str = MISSING
+    classes: list[str] | None = MISSING
     make_sample_if_empty: bool = MISSING
     workers: int = MISSING
     interpolation: str = MISSING
@@ -236,8 +242,9 @@ def validate(config: Config) -> None:
     if not Path(d.dir).is_dir():
         raise ConfigError(
             f"data.dir={d.dir!r} is not a folder; point it at a folder with train/<class>/ "
-            "(and validation/<class>/), or at an empty folder to get the sample set"
+            "(and validation/<class>/) or <class>/ folders, or at an empty folder to get the sample set"
         )
+    validate_label_files(d)
     validate_weights(m.weights)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
@@ -297,6 +304,29 @@ def monitor_mode(monitor: str, mode: str) -> str:
     if mode != "auto":
         return mode
     return "min" if monitor.endswith("loss") else "max"
+
+
+def validate_label_files(d: DataConfig) -> None:
+    """The CSV keys and data.classes; the files' rows are checked by pipeline/data/labels_csv.py."""
+    for key in ("labels_csv", "validation_csv"):
+        path = getattr(d, key)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"data.{key}={path!r}: no such file (a path from the working folder)")
+    if d.validation_csv is not None and d.labels_csv is None:
+        raise ConfigError(f"data.validation_csv={d.validation_csv!r} needs data.labels_csv (the training images' CSV)")
+    for key in ("path_column", "label_column"):
+        if not getattr(d, key).strip():
+            raise ConfigError(f"data.{key} is empty; name the CSV column")
+    if d.path_column.strip() == d.label_column.strip():
+        raise ConfigError(f"data.path_column and data.label_column are both {d.path_column!r}; name two columns")
+    if d.classes is not None:
+        bad = [name for name in d.classes if not name.strip() or name.splitlines() != [name] or "\t" in name]
+        repeated = sorted({name for name in d.classes if d.classes.count(name) > 1})
+        if len(d.classes) < 2 or bad or repeated:
+            raise ConfigError(
+                f"data.classes={list(d.classes)} must name at least 2 distinct classes, none empty or with "
+                "a tab or line break" + (f" (repeated: {', '.join(repeated)})" if repeated else "")
+            )
 
 
 def validate_distribute(dist: DistributeConfig) -> None:

@@ -22,6 +22,13 @@ class DataError(ValueError):
     """A data folder that cannot be trained on; the message names it."""
 
 
+class LabelFileError(DataError):
+    """Bad rows or columns in data.labels_csv / data.validation_csv; the message names file, line and column.
+
+    Found while the config is validated, before the run's folder or checkpoints are written to.
+    """
+
+
 class TooManyPixels(ValueError):
     """An image whose header declares more pixels than data.max_pixels."""
 

@@ -4,7 +4,9 @@ DIR holds one folder per class (`DIR/<class>/*.jpg`, as training's
 validation/). Prints accuracy and per-class precision, recall and F1, and
 writes the confusion matrix as text and as a PNG. A folder whose name the
 model does not know is an error naming it; images that cannot be read are
-listed and left out of the scores.
+listed and left out of the scores. With `--tta N` (tta.py) it prints the scores
+without and with test-time augmentation, from one decoding of each image, and
+one line saying whether TTA helped on this set; the matrix is then TTA's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from pipeline.cli import run_command, start_tensorflow
 from pipeline.errors import CommandError
 from pipeline.model_file.load import ModelInfo, load_model, read_model_info
+from pipeline.tta import TTA_HELP, View, compare_tta, describe_views, parse_tta, tta_views
 
 OUT = Path("evaluation")
 
@@ -27,7 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("model", help="the final model file (.h5) that training saved")
     parser.add_argument("dir", metavar="DIR", help="a folder with one subfolder of images per class")
     parser.add_argument("--out", type=Path, default=OUT, help=f"where the confusion matrix files go (default {OUT}/)")
-    return parser.parse_args(argv)
+    parser.add_argument("--tta", type=str, default="1", metavar="N", help=TTA_HELP)
+    args = parser.parse_args(argv)
+    args.tta = parse_tta(args.tta)  # checked here, not by argparse: one `error:` line, no usage text
+    return args
 
 
 def class_folders(root: Path, info: ModelInfo) -> list[Path]:
@@ -48,30 +54,32 @@ def class_folders(root: Path, info: ModelInfo) -> list[Path]:
 
 def evaluate(args: argparse.Namespace) -> int:
     info = read_model_info(args.model)
+    views = tta_views(args.tta, info)
     folders = class_folders(Path(args.dir), info)
     start_tensorflow()
     from pipeline.data.dataset import EXTENSIONS_HINT
     from pipeline.inference import find_images, label_files
-    from pipeline.reports.metrics import confusion_matrix, format_confusion, format_scores
+    from pipeline.reports.metrics import format_confusion
     from pipeline.reports.plots import draw_confusion
 
     truth = {path: info.class_names.index(folder.name) for folder in folders for path in find_images(folder)}
     if not truth:
         raise CommandError(f"no images in the class folders of {args.dir} ({EXTENSIONS_HINT})")
     model = load_model(info)
-    true, predicted, unreadable = [], [], []
-    for result in label_files(model, truth, info.image_size, info.interpolation, info.max_pixels):
+    true, plain, predicted, unreadable = [], [], [], []
+    for result in label_files(model, truth, info.image_size, info.interpolation, info.max_pixels, views):
         if result.probabilities is None:  # the file could not be read; result.error says why
             unreadable.append(f"{result.path}: {result.error}")
         else:
+            assert result.plain is not None  # set with probabilities (inference.finish_chunk)
             true.append(truth[result.path])
+            plain.append(int(np.argmax(result.plain)))
             predicted.append(int(np.argmax(result.probabilities)))
     for line in unreadable:
         print(f"warning: skipped {line}", file=sys.stderr)
     if not true:
         raise CommandError(f"none of the {len(truth)} images in {args.dir} could be read")
-    matrix = confusion_matrix(np.array(true), np.array(predicted), len(info.class_names))
-    scores = format_scores(matrix, info.class_names)
+    matrix, scores = score(true, plain, predicted, info.class_names, views)
     table = format_confusion(matrix, info.class_names)
     print(f"{len(true)} images of {args.dir} ({len(folders)} class folders), model {info.path}")
     print(scores)
@@ -79,9 +87,32 @@ def evaluate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     text = args.out / "confusion_matrix.txt"
     text.write_text(f"model {info.path}\ndata {args.dir}\n{scores}\n\n{table}\n")
-    png = draw_confusion(matrix, info.class_names, args.out / "confusion_matrix.png", f"{Path(args.dir).name}")
+    title = Path(args.dir).name + (f", TTA {len(views)} views" if len(views) > 1 else "")
+    png = draw_confusion(matrix, info.class_names, args.out / "confusion_matrix.png", title)
     print(f"written: {text}, {png}")
     return 0
+
+
+def score(
+    true: list[int], plain: list[int], predicted: list[int], names: list[str], views: list[View]
+) -> tuple[np.ndarray, str]:
+    """The confusion matrix of `predicted` and the scores to print; with several views, those
+    of `plain` (the image alone) first, and a last line saying whether TTA helped."""
+    from pipeline.reports.metrics import confusion_matrix, format_scores
+
+    matrix = confusion_matrix(np.array(true), np.array(predicted), len(names))
+    if len(views) == 1:
+        return matrix, format_scores(matrix, names)
+    alone = confusion_matrix(np.array(true), np.array(plain), len(names))
+    return matrix, "\n".join(
+        [
+            "without TTA (the image alone):",
+            format_scores(alone, names),
+            f"with TTA ({describe_views(views)}):",
+            format_scores(matrix, names),
+            compare_tta(alone, matrix),
+        ]
+    )
 
 
 def main(argv=None) -> None:

@@ -2,13 +2,14 @@
 
 The model carries Inception's scaling inside (a Rescaling layer, model.py), so
 what it takes is data.load_image's output: upright RGB, 0-255, resized with
-the run's interpolation. Nothing is rescaled here.
+the run's interpolation. Nothing is rescaled here. With test-time augmentation
+(tta.py), an image's probabilities are the mean over its views.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from pipeline.data.dataset import INDEXED_EXTENSIONS, check_link_cycles, load_image
 from pipeline.errors import CommandError, DataError
+from pipeline.tta import IDENTITY, View
 
 CHUNK = 32  # images decoded and predicted together
 
@@ -23,8 +25,9 @@ CHUNK = 32  # images decoded and predicted together
 @dataclass
 class Labelled:
     path: str
-    probabilities: np.ndarray | None = None  # one per class, summing to 1
+    probabilities: np.ndarray | None = None  # one per class, summing to 1: the mean over the views
     error: str | None = None  # why the file could not be read
+    plain: np.ndarray | None = None  # the image's own probabilities (view 0, the image itself)
 
 
 def predict_batch(model, x: np.ndarray) -> np.ndarray:
@@ -33,9 +36,17 @@ def predict_batch(model, x: np.ndarray) -> np.ndarray:
 
 
 def label_files(
-    model, paths: Iterable[str], image_size: int, interpolation: str, max_pixels: int
+    model,
+    paths: Iterable[str],
+    image_size: int,
+    interpolation: str,
+    max_pixels: int,
+    views: Sequence[View] = (IDENTITY,),
 ) -> Iterator[Labelled]:
-    """One result per path, in order; a file that cannot be decoded gets its reason and the rest go on."""
+    """One result per path, in order; a file that cannot be decoded gets its reason and the rest go on.
+
+    Each image is decoded once and its `views` (tta.tta_views; the first is the image itself) predicted.
+    """
     chunk: list[Labelled] = []
     pixels: list[np.ndarray] = []
     for path in paths:
@@ -46,17 +57,20 @@ def label_files(
             result.error = describe_error(err)
         chunk.append(result)
         if len(pixels) == CHUNK:
-            yield from finish_chunk(model, chunk, pixels)
+            yield from finish_chunk(model, chunk, pixels, views)
             chunk, pixels = [], []
-    yield from finish_chunk(model, chunk, pixels)
+    yield from finish_chunk(model, chunk, pixels, views)
 
 
-def finish_chunk(model, chunk: list[Labelled], pixels: list[np.ndarray]) -> list[Labelled]:
+def finish_chunk(model, chunk: list[Labelled], pixels: list[np.ndarray], views: Sequence[View]) -> list[Labelled]:
     if pixels:
-        probabilities = iter(predict_batch(model, np.stack(pixels)))
+        # One batch per view, the same size as without views: view 0's batch is exactly
+        # the plain prediction's, and only one view's pixels are held at a time.
+        per_view = np.stack([predict_batch(model, np.stack([view.apply(x) for x in pixels])) for view in views])
+        found = iter(zip(per_view[0], per_view.mean(axis=0), strict=True))
         for result in chunk:
             if result.error is None:
-                result.probabilities = next(probabilities)
+                result.plain, result.probabilities = next(found)
     return chunk
 
 

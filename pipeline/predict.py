@@ -5,8 +5,9 @@ as training finds them). One line per image:
 
     path<TAB>class<TAB>probability          (--top-k K: K class/probability pairs)
 
-`--csv` prints the same as CSV with a header. A file that cannot be read gets
-`error: ...` on its line and the rest go on; the exit code is then 1.
+`--csv` prints the same as CSV with a header. `--tta N` gives each image the
+mean probabilities over N fixed views of it (tta.py). A file that cannot be read
+gets `error: ...` on its line and the rest go on; the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from pipeline.cli import run_command, start_tensorflow
 from pipeline.errors import CommandError
 from pipeline.model_file.load import load_model, read_model_info
+from pipeline.tta import TTA_HELP, parse_tta, tta_views
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,14 +29,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     parser.add_argument("--top-k", type=int, default=1, metavar="K", help="the K likeliest classes (default 1)")
     parser.add_argument("--csv", action="store_true", help="print CSV with a header instead of tab-separated lines")
+    parser.add_argument("--tta", type=str, default="1", metavar="N", help=TTA_HELP)
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top-k {args.top_k}: must be at least 1")
+    args.tta = parse_tta(args.tta)  # checked here, not by argparse: one `error:` line, no usage text
     return args
 
 
 def predict(args: argparse.Namespace) -> int:
     info = read_model_info(args.model)
+    views = tta_views(args.tta, info)
     missing = [p for p in args.paths if not Path(p).exists()]
     if missing:
         raise CommandError(f"no such file or folder: {', '.join(missing)}")
@@ -49,7 +54,7 @@ def predict(args: argparse.Namespace) -> int:
     k = min(args.top_k, len(info.class_names))
     write = make_writer(args.csv, k)
     failed = 0
-    for result in label_files(model, images, info.image_size, info.interpolation, info.max_pixels):
+    for result in label_files(model, images, info.image_size, info.interpolation, info.max_pixels, views):
         if result.probabilities is None:  # the file could not be read; result.error says why
             failed += 1
             write(result.path, [], f"error: {result.error}")

@@ -159,7 +159,6 @@ def make_fingerprint(cfg: Config, data: DataSet, files: dict | None = None) -> d
     """
     d, t = cfg.data, cfg.train
     files = files if files is not None else file_list(data, Path(d.dir))
-    held_out = not (Path(d.dir) / "validation").is_dir()  # as read_dataset decides
     unfreeze_after = resolve_unfreeze_after(t.finetune.unfreeze_after, cfg.model.weights is not None)
     return {
         "architecture": "InceptionV3+GAP+dropout+dense",
@@ -173,7 +172,10 @@ def make_fingerprint(cfg: Config, data: DataSet, files: dict | None = None) -> d
         # A mid-epoch checkpoint counts batches: another size would skip other images.
         "data.batch_size": d.batch_size,
         "data.interpolation": d.interpolation,
-        "data.validation_split": d.validation_split if held_out else None,  # unused beside a validation/ folder
+        # Unused where the validation images are named (validation/, data.validation_csv).
+        "data.validation_split": d.validation_split if data.held_out else None,
+        # Only where it chooses the validation images (holdout.py): a split layout's run ignores it.
+        **({"data.split_seed": d.split_seed} if data.held_out == "seeded" else {}),
         **{f"data.{key}": getattr(d, key) for key in AUGMENTATION},
         "train.seed": t.seed,
         "train.precision": t.precision,

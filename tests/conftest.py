@@ -166,3 +166,12 @@ def assert_labels_raw_pixels(model_file: Path, image: Path, n_classes: int = 3) 
     assert int(classes) == n_classes
     assert float(scaled) <= 1e-5, out.stdout
     assert float(unscaled) > 1e-4, f"fed unscaled the model answers the same: the check means nothing\n{out.stdout}"
+
+
+def shifted_by_hand(x: np.ndarray, right: int = 0, down: int = 0) -> np.ndarray:
+    """`x` (height, width, channels) moved right and down by whole pixels (negative: left, up),
+    the uncovered edge filled with its nearest pixels (data.fill_mode=nearest); numpy alone."""
+    h, w = x.shape[:2]
+    padded = np.pad(x, ((abs(down),) * 2, (abs(right),) * 2, (0, 0)), mode="edge")
+    top, left = abs(down) - down, abs(right) - right
+    return padded[top : top + h, left : left + w]

@@ -171,6 +171,57 @@ def test_evaluate_scores_a_folder_tree_and_writes_the_matrix(run, tiny_data, tmp
     assert_real_png(tmp_path / "confusion_matrix.png")
 
 
+def scores_of(text: str) -> list[tuple[int, int]]:
+    """(hits, count) of every `accuracy` line printed."""
+    return [tuple(map(int, m)) for m in re.findall(r"^accuracy \S+ \((\d+)/(\d+)\)$", text, re.MULTILINE)]
+
+
+def test_predict_and_evaluate_tta_agree_and_evaluate_says_whether_it_helped(run, tiny_data, tmp_path):
+    tmp, _, _ = run
+    model_file, validation = str(tmp / "model" / "final.h5"), tiny_data / "validation"
+    result = run_cli(model_file, str(validation), "--tta", "6", "--top-k", "3", cwd=REPO, module="pipeline.predict")
+    assert result.returncode == 0, result.stderr
+    printed = {cells[0]: cells[1:] for cells in (line.split("\t") for line in result.stdout.splitlines())}
+    assert list(printed) == images_in(validation)
+    # the mean of softmaxes is one too (that it is the mean of the right views: test_tta.py, by hand)
+    assert all(sum(float(p) for p in cells[1::2]) == pytest.approx(1, abs=2e-4) for cells in printed.values())
+
+    evaluated = run_cli(
+        model_file, str(validation), "--tta", "6", "--out", str(tmp_path), cwd=REPO, module="pipeline.evaluate"
+    )
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    out = evaluated.stdout
+    assert "without TTA (the image alone):" in out
+    assert "with TTA (mean of 6 views: the image; mirrored; shifted 4 px left; shifted 4 px right; " in out
+    (alone, _), (averaged, count) = scores_of(out)
+    assert count == len(images_in(validation))
+    # without TTA: the report's score (same model, same images); with TTA: predict --tta 6's classes
+    assert alone == np.trace(report_matrix((tmp / "outputs" / "report.md").read_text()))
+    rows = re.findall(r"^(?:circle|square|triangle)\s+(\d+)\s+(\d+)\s+(\d+)$", out, re.MULTILINE)
+    tta_matrix = np.array(rows, dtype=int)  # the printed matrix is TTA's
+    top1 = [CLASSES.index(cells[0]) for cells in printed.values()]
+    assert tta_matrix.sum(axis=0).tolist() == np.bincount(top1, minlength=3).tolist()
+    verdict = re.search(r"^TTA (.+) on this set \((\d+) images\): accuracy (\S+) -> (\S+) ", out, re.MULTILINE)
+    assert verdict and int(verdict.group(2)) == count, out
+    assert float(verdict.group(3)) == pytest.approx(alone / count, abs=1e-4)
+    assert float(verdict.group(4)) == pytest.approx(averaged / count, abs=1e-4)
+    assert "with TTA" in (tmp_path / "confusion_matrix.txt").read_text()
+
+
+def test_a_bad_tta_is_one_error_line_naming_it(run, tiny_data):
+    model = str(run[0] / "model" / "final.h5")
+    # 11: the run flipped and shifted, which makes 10 views. All fail before TensorFlow starts.
+    for command, value in (
+        ("predict", "0"),
+        ("predict", "1.5"),
+        ("predict", "11"),
+        ("evaluate", "-2"),
+        ("evaluate", "two"),
+    ):
+        result = run_cli(model, str(tiny_data), "--tta", value, cwd=REPO, module=f"pipeline.{command}")
+        one_error_line(result, f"--tta {value}")
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # tf.lite.Interpreter's notice that LiteRT replaces it
 def test_export_writes_a_saved_model_and_tflite_that_agree_with_keras(run, tiny_data, tmp_path):
     import keras

@@ -122,8 +122,8 @@ def test_validation_is_raw_pixels_without_augmentation(tiny_data):
     assert np.abs(augmented - raw).max() > 10
 
 
-def test_missing_train_folder_names_it(tmp_path):
-    with pytest.raises(DataError, match="train/"):
+def test_a_folder_without_classes_names_the_layouts_read(tmp_path):
+    with pytest.raises(DataError, match=r"<class>/<images> or .*train/<class>/<images>"):
         read_dataset(data_config(tmp_path))
 
 

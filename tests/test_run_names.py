@@ -84,12 +84,12 @@ def test_the_epochs_are_not_part_of_where_a_run_or_job_writes():
 def test_a_long_override_set_gets_past_folder_creation(tmp_path):
     """The README's speed options with two long absolute paths: Errno 36 before, now a real start.
 
-    The data folder holds no train/, so the run stops with its one-line data error right
+    The data folder holds no class folders, so the run stops with its one-line data error right
     after Hydra made the run folder and the config was recorded there.
     """
     data = tmp_path / "datasets" / "flowers-photographed-in-the-garden-2024" / "cleaned-and-resized-to-150px"
     data.mkdir(parents=True)
-    (data / "README.txt").write_text("no train/ folder here")
+    (data / "README.txt").write_text("no class folders here")
     weights = data.parent / "inception_v3_weights_tf_dim_ordering_tf_kernels_notop_downloaded.h5"
     weights.write_bytes(b"not read: the data check fails first")
     overrides = [
@@ -110,7 +110,7 @@ def test_a_long_override_set_gets_past_folder_creation(tmp_path):
     result = run_cli(*overrides, cwd=tmp_path, env=cli_env(PYTHONPATH=str(REPO)), timeout=300)
     assert "File name too long" not in result.stdout + result.stderr
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "has no train/ folder" in result.stderr and "Traceback" not in result.stderr
+    assert "holds 0 class folder(s)" in result.stderr and "Traceback" not in result.stderr
     (folder,) = (tmp_path / "outputs").iterdir()
     assert len(folder.name.encode()) <= MAX_NAME_BYTES and "digest=" in folder.name
     assert "train.precision=mixed_bfloat16" in folder.name and "epochs" not in folder.name

@@ -1,8 +1,9 @@
 """The train and validation generators: files, labels, and batches.
 
-`ImageDataGenerator.flow_from_directory` indexes the folders (class order,
-file list, the validation split) and the ImageDataGenerator owns the
-augmentation settings. Batches are then served by a Keras `PyDataset` whose
+`ImageDataGenerator.flow_from_directory` indexes class folders (class order,
+file list; read_dataset picks the layout: train/ folders or flat class
+folders), labels_csv.py reads a CSV instead, and the ImageDataGenerator owns
+the augmentation settings. Batches are then served by a Keras `PyDataset` whose
 content depends only on (seed, epoch, batch index): Keras's own iterator
 reseeds NumPy's global generator in call order, so after a resume, or with
 parallel workers, it would serve a different order than an uninterrupted run.
@@ -22,6 +23,8 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from pipeline.config import DataConfig
+from pipeline.data.holdout import hold_out
+from pipeline.data.labels_csv import Row, read_label_files
 from pipeline.data.sample_data import has_images, write_sample_data
 from pipeline.errors import DataError, TooManyPixels
 
@@ -79,6 +82,11 @@ class DataSet:
     train: Split
     validation: Split
     augmenter: ImageDataGenerator
+    # What the start-up summary says of the layout, and the rule that chose it (read_dataset).
+    layout: str = "train/<class>/ and validation/<class>/"
+    # How validation was held out of training: None (named: validation/, data.validation_csv),
+    # "first" (flow_from_directory: each class's first files), "seeded" (holdout.py).
+    held_out: str | None = None
 
 
 def load_image(path: str, image_size: int, interpolation: str, max_pixels: int) -> np.ndarray:
@@ -136,7 +144,7 @@ def ensure_sample_data(cfg: DataConfig) -> None:
     user's folder gone wrong, and read_dataset will say so.
     """
     root = Path(cfg.dir)
-    if not cfg.make_sample_if_empty or has_images(root):
+    if not cfg.make_sample_if_empty or cfg.labels_csv or has_images(root):
         return
     if root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir()):
         return
@@ -175,23 +183,45 @@ def index_folder(gen: ImageDataGenerator, directory: Path, cfg: DataConfig, clas
 
 
 def read_dataset(cfg: DataConfig) -> DataSet:
-    """Index train/ and validation/ (or hold out data.validation_split of train/)."""
+    """Index the images and their labels in whichever layout data.dir has (docs/data.md#layout).
+
+    data.labels_csv set: the CSV files. Else a train/ folder holding class folders: train/ and
+    validation/ (or flow_from_directory's held-out share of train/). Else the flat layout, every
+    folder of data.dir a class, with a seeded per-class held-out share (holdout.py).
+    """
     root = Path(cfg.dir)
+    if cfg.labels_csv:
+        data = read_csv_layout(cfg, root)
+    elif has_split_layout(root):
+        data = read_split_layout(cfg, root)
+    else:
+        data = read_flat_layout(cfg, root)
+    check_layout(data.class_names, data.train, data.validation)
+    warn_missing_validation(data.class_names, data.validation)
+    return data
+
+
+def has_split_layout(root: Path) -> bool:
+    """The rule for a folder named train: it is the training side when it holds class folders
+    (the split layout); otherwise it is a class of the flat layout (the start-up summary says which)."""
+    return (root / "train").is_dir() and bool(class_folders(root / "train", quiet=True))
+
+
+def read_split_layout(cfg: DataConfig, root: Path) -> DataSet:
+    """train/<class>/ and validation/<class>/, or data.validation_split of each class of train/ held out."""
     train_dir, val_dir = root / "train", root / "validation"
-    if not train_dir.is_dir():
-        raise DataError(
-            f"data.dir={cfg.dir!r} has no train/ folder; expected "
-            f"{train_dir}/<class>/<images> (and optionally {val_dir}/<class>/...)"
-        )
     for folder in (train_dir, val_dir):
         check_link_cycles(folder)
-    classes = class_folders(train_dir)
+    classes = order_classes(class_folders(train_dir), cfg.classes, train_dir)
     check_class_names(classes, train_dir)
+    layout = "train/<class>/ (train/ holds class folders, so it is the training side, not a class)"
     if val_dir.is_dir():
         augmenter = make_augmenter(cfg)
         names, train = index_folder(augmenter, train_dir, cfg, classes=classes)
         check_validation_classes(names, val_dir)
         _, validation = index_folder(ImageDataGenerator(), val_dir, cfg, classes=names)
+        held_out = None
+        layout += " and validation/<class>/"
     else:
         # Same split fraction on both generators, so the two subsets are complementary.
         augmenter = make_augmenter(cfg, cfg.validation_split)
@@ -204,11 +234,77 @@ def read_dataset(cfg: DataConfig) -> DataSet:
             subset="validation",
         )
         validation.source = f"{train_dir} (held-out {cfg.validation_split:.0%})"
-    check_layout(names, train, validation, root)
-    warn_missing_validation(names, validation)
+        # flow_from_directory's split (each class's first files), kept so existing checkpoints still resume.
+        held_out = "first"
+        layout += f"; no validation/, so the first {cfg.validation_split:.0%} of each class validates"
     for folder in (train_dir, val_dir):
         warn_unindexed_images(folder, names)
-    return DataSet(names, train, validation, augmenter)
+    return DataSet(names, train, validation, augmenter, layout, held_out)
+
+
+def read_flat_layout(cfg: DataConfig, root: Path) -> DataSet:
+    """data.dir/<class>/: every (non-hidden) folder is a class; a seeded share of each validates."""
+    check_link_cycles(root)
+    classes = order_classes(class_folders(root), cfg.classes, root)
+    check_class_names(classes, root)
+    augmenter = make_augmenter(cfg)
+    if len(classes) < 2:  # flow_from_directory would index nothing; say which layouts are read
+        raise DataError(
+            f"data.dir={cfg.dir!r} holds {len(classes)} class folder(s); expected {root}/<class>/<images> "
+            f"or {root}/train/<class>/<images> (at least 2 classes), or set data.labels_csv"
+        )
+    names, everything = index_folder(augmenter, root, cfg, classes=classes)
+    train, validation = split_held_out(everything, root, cfg)
+    warn_unindexed_images(root, names)
+    layout = f"<class>/ directly in data.dir, {cfg.validation_split:.0%} of each class validates (data.split_seed)"
+    if "train" in names:
+        layout += "; train/ holds no class folders, so it is the class 'train'"
+    return DataSet(names, train, validation, augmenter, layout, "seeded")
+
+
+def read_csv_layout(cfg: DataConfig, root: Path) -> DataSet:
+    """data.labels_csv (and data.validation_csv), checked row by row, in canonical order (labels_csv.py)."""
+    labelled = read_label_files(cfg)
+    rank = {name: i for i, name in enumerate(labelled.class_names)}
+
+    def split(rows: list[Row], source: str) -> Split:
+        paths = [os.path.join(root, row.path) for row in rows]
+        return Split(paths, np.asarray([rank[row.label] for row in rows], dtype=np.int64).reshape(-1), source)
+
+    train = split(labelled.train, str(cfg.labels_csv))
+    layout = f"labels from {cfg.labels_csv}, paths relative to data.dir"
+    if labelled.validation is not None:
+        validation, held_out = split(labelled.validation, str(cfg.validation_csv)), None
+        layout += f"; validation from {cfg.validation_csv}"
+    else:
+        train, validation = split_held_out(train, root, cfg)
+        held_out = "seeded"
+        layout += f"; {cfg.validation_split:.0%} of each class validates (data.split_seed)"
+    return DataSet(labelled.class_names, train, validation, make_augmenter(cfg), layout, held_out)
+
+
+def split_held_out(split: Split, root: Path, cfg: DataConfig) -> tuple[Split, Split]:
+    """(training, validation): data.validation_split of each class, chosen by holdout.py, in the same order."""
+    relative = [Path(os.path.relpath(path, root)).as_posix() for path in split.filepaths]
+    mask = hold_out(relative, split.labels, cfg.validation_split, cfg.split_seed)
+
+    def side(keep: np.ndarray, source: str) -> Split:
+        return Split([p for p, k in zip(split.filepaths, keep, strict=True) if k], split.labels[keep], source)
+
+    held = f"{split.source} (held-out {cfg.validation_split:.0%}, data.split_seed={cfg.split_seed})"
+    return side(~mask, split.source), side(mask, held)
+
+
+def order_classes(found: list[str], classes: list[str] | None, where: Path) -> list[str]:
+    """The class folders in data.classes's order, which must name exactly those folders; else sorted."""
+    if classes is None:
+        return found
+    missing, extra = [c for c in classes if c not in found], [f for f in found if f not in classes]
+    parts = [f"no folder for {', '.join(missing)}"] if missing else []
+    parts += [f"folder(s) {', '.join(extra)} not listed"] if extra else []
+    if parts:
+        raise DataError(f"data.classes must name the class folders of {where} exactly: {'; '.join(parts)}")
+    return list(classes)
 
 
 def file_list(data: DataSet, root: Path) -> dict[str, list]:
@@ -228,7 +324,7 @@ def file_list(data: DataSet, root: Path) -> dict[str, list]:
     return {"train": rows(data.train), "validation": rows(data.validation)}
 
 
-def class_folders(split_dir: Path) -> list[str]:
+def class_folders(split_dir: Path, quiet: bool = False) -> list[str]:
     """The class folders of train/ or validation/, sorted as flow_from_directory sorts them (links followed).
 
     Hidden folders (a name starting with '.') are not classes: they hold tool
@@ -236,7 +332,7 @@ def class_folders(split_dir: Path) -> list[str]:
     """
     folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     hidden = [name for name in folders if name.startswith(".")]
-    if hidden:
+    if hidden and not quiet:
         print(f"data: skipping hidden folder(s) in {split_dir}: {', '.join(hidden)} (not classes)", flush=True)
     return [name for name in folders if not name.startswith(".")]
 
@@ -252,13 +348,13 @@ def check_class_names(names: list[str], split_dir: Path) -> None:
         )
 
 
-def check_layout(names: list[str], train: Split, validation: Split, root: Path) -> None:
+def check_layout(names: list[str], train: Split, validation: Split) -> None:
     """Refuse fewer than two classes, a training class without images, or no validation images."""
     if len(names) < 2:
-        raise DataError(f"{root / 'train'} holds {len(names)} class folder(s); a classifier needs at least 2")
+        raise DataError(f"{train.source} holds {len(names)} class(es); a classifier needs at least 2")
     empty = [n for n, c in zip(names, train.counts(len(names)), strict=True) if c == 0]
     if empty:
-        raise DataError(f"class folder(s) with no images in {root / 'train'}: {', '.join(empty)} ({EXTENSIONS_HINT})")
+        raise DataError(f"class(es) with no images in {train.source}: {', '.join(empty)} ({EXTENSIONS_HINT})")
     if len(validation.filepaths) == 0:
         raise DataError(f"no validation images in {validation.source}")
 

@@ -256,7 +256,7 @@ def drop_images(data: DataSet, drop: set[str]) -> DataSet:
 
     kept = replace(data, train=keep(data.train), validation=keep(data.validation))
     n = len(data.class_names)
-    check_layout(kept.class_names, kept.train, kept.validation, Path(data.train.source).parent)
+    check_layout(kept.class_names, kept.train, kept.validation)
     emptied = [
         name
         for name, before, after in zip(

@@ -18,7 +18,8 @@ def print_startup(cfg: Config, data, phases, reason: str, restored, unfreeze_aft
     train_counts, val_counts = data.train.counts(n), data.validation.counts(n)
     lines = [
         f"data: {len(data.train.filepaths)} training images from {data.train.source}, "
-        f"{len(data.validation.filepaths)} validation images from {data.validation.source}"
+        f"{len(data.validation.filepaths)} validation images from {data.validation.source}",
+        f"data layout: {data.layout}",
     ]
     lines += [
         f"  {name:<20} train {t:>6}  validation {v:>6}"

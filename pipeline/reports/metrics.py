@@ -44,6 +44,13 @@ def class_scores(matrix: np.ndarray) -> ClassScores:
     return ClassScores(precision, recall, f1, support)
 
 
+def macro_f1(matrix: np.ndarray) -> float:
+    """The mean F1 of the classes with images (format_scores's `macro avg` F1)."""
+    scores = class_scores(matrix)
+    present = scores.support > 0
+    return float(scores.f1[present].mean()) if present.any() else float("nan")
+
+
 def format_scores(matrix: np.ndarray, names: list[str]) -> str:
     """Accuracy, then a table of precision, recall, F1 and support per class and their macro average."""
     scores = class_scores(matrix)
