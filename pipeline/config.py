@@ -64,6 +64,7 @@ class ModelConfig:
     dropout: float = MISSING
     random_init_bn_momentum: float = MISSING
     save_path: str = MISSING
+    final: str = MISSING
 
 
 @dataclass
@@ -86,6 +87,14 @@ class FinetuneConfig(PhaseConfig):
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Values: conf/train/default.yaml (early_stopping:)."""
+
+    patience: int = MISSING
+    min_delta: float = MISSING
+
+
+@dataclass
 class TrainConfig:
     """Values: conf/train/default.yaml."""
 
@@ -99,6 +108,7 @@ class TrainConfig:
     label_smoothing: float = MISSING
     head: PhaseConfig = MISSING
     finetune: FinetuneConfig = MISSING
+    early_stopping: EarlyStoppingConfig = MISSING
 
 
 @dataclass
@@ -165,6 +175,7 @@ FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 ON_BAD_IMAGE = ("fail", "skip")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("none", "mirrored", "multi_worker")
+FINAL_WEIGHTS = ("last", "best")
 
 
 def to_config(cfg: DictConfig) -> tuple[Config, list[str]]:
@@ -251,6 +262,7 @@ def validate(config: Config) -> None:
     between("model.random_init_bn_momentum", m.random_init_bn_momentum, 0.0, 1.0)
     if not m.save_path.endswith(".h5"):
         raise ConfigError(f"model.save_path={m.save_path!r} must end in .h5 (the final model is an HDF5 file)")
+    one_of("model.final", m.final, FINAL_WEIGHTS)
     for name, phase in (("head", t.head), ("finetune", t.finetune)):
         at_least(f"train.{name}.epochs", phase.epochs, 0)
         if not phase.lr > 0:
@@ -258,6 +270,8 @@ def validate(config: Config) -> None:
         one_of(f"train.{name}.optimizer", phase.optimizer, OPTIMIZERS)
         one_of(f"train.{name}.schedule", phase.schedule, SCHEDULES)
         at_least(f"train.{name}.cached_views", phase.cached_views, 0)
+    at_least("train.early_stopping.patience", t.early_stopping.patience, 0, "0 turns early stopping off")
+    at_least("train.early_stopping.min_delta", t.early_stopping.min_delta, 0.0, "in the monitor's unit")
     at_least("train.threads", t.threads, 0)
     validate_class_weight(t.class_weight)
     if not 0.0 <= t.label_smoothing < 1.0:
@@ -297,13 +311,6 @@ def validate_class_weight(setting) -> None:
             raise ConfigError(
                 f"train.class_weight: the weight of class {name!r} is {weight!r}; it must be a number > 0"
             )
-
-
-def monitor_mode(monitor: str, mode: str) -> str:
-    """max or min for a metric; `auto` means min for a loss, max for every score (accuracy, macro-F1, ...)."""
-    if mode != "auto":
-        return mode
-    return "min" if monitor.endswith("loss") else "max"
 
 
 def validate_label_files(d: DataConfig) -> None:

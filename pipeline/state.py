@@ -16,3 +16,7 @@ class TrainState:
     best: float | None = None
     best_stem: str | None = None
     lineage: list = field(default_factory=list)  # checkpoints each resume started from
+    # Early stopping (training/early_stopping.py), counted per phase at each epoch's end:
+    phase_best: float | None = None  # the phase's best checkpoint.monitor value so far
+    since_best: int = 0  # epochs of the phase since the monitor last improved by min_delta
+    stopped: dict = field(default_factory=dict)  # phase -> {epoch, patience, epochs} of its early stop

@@ -14,9 +14,9 @@ import tensorflow as tf
 
 from pipeline.checkpoints.fingerprint import files_digest, save_file_list
 from pipeline.checkpoints.resume import ResumePlan, plan_resume, restore_newest_usable
-from pipeline.checkpoints.store import Checkpoint, checkpoint_stem, list_checkpoints, space_for
+from pipeline.checkpoints.store import Checkpoint, checkpoint_stem, list_checkpoints, load_weights, space_for, verify
 from pipeline.checkpoints.writer import CheckpointWriter, prune_and_announce
-from pipeline.config import METRICS, Config, PhaseConfig, monitor_mode
+from pipeline.config import METRICS, Config, PhaseConfig
 from pipeline.data.dataset import DataSet, file_list, validation_batches
 from pipeline.data.prepare import prepare_data
 from pipeline.distribute.strategy import (
@@ -27,7 +27,7 @@ from pipeline.distribute.strategy import (
     strategy_scope,
 )
 from pipeline.distribute.tf_config import WorkerRole, read_worker_role
-from pipeline.errors import DiskFull, Preempted
+from pipeline.errors import CheckpointError, DiskFull, Preempted
 from pipeline.model import build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after, set_trainable
 from pipeline.model_file.load import read_metadata_or_none
 from pipeline.model_file.save import save_final
@@ -38,6 +38,16 @@ from pipeline.state import TrainState
 from pipeline.training.batch_saver import BatchSaver, StopFlag
 from pipeline.training.cached_phase import Feed, check_cached_cut, make_feed
 from pipeline.training.class_balance import class_weights, imbalance_warning
+from pipeline.training.early_stopping import (
+    StopRule,
+    announce_stop,
+    count_epoch,
+    describe_stops,
+    improves,
+    resolve_mode,
+    start_phase,
+    stays_stopped,
+)
 from pipeline.training.first_step_timer import FirstStepTimer
 from pipeline.training.precision import set_precision
 
@@ -58,6 +68,7 @@ AUGMENTATION = (
 class Phase:
     name: str
     cfg: PhaseConfig
+    stopping: StopRule
 
 
 @dataclass
@@ -134,17 +145,23 @@ def set_threads(setter, count: int) -> None:
 
 
 def plan_phases(cfg: Config) -> list[Phase]:
-    return [Phase(name, getattr(cfg.train, name)) for name in PHASE_ORDER if getattr(cfg.train, name).epochs > 0]
+    c, stop = cfg.checkpoint, cfg.train.early_stopping
+    rule = StopRule(c.monitor, resolve_mode(c.monitor, c.mode), stop.patience, stop.min_delta)
+    return [Phase(name, getattr(cfg.train, name), rule) for name in PHASE_ORDER if getattr(cfg.train, name).epochs > 0]
 
 
 def advance(state: TrainState, phases: list[Phase]) -> Phase | None:
-    """Move `state` past finished phases; the phase to train next, or None when all are done."""
+    """Move `state` past finished phases; the phase to train next, or None when all are done.
+
+    A phase is finished after its epochs, or when it stopped early and the
+    configuration keeps it stopped (training/early_stopping.py).
+    """
     for phase in phases:
         if PHASE_ORDER.index(phase.name) < PHASE_ORDER.index(state.phase):
             continue
         if phase.name != state.phase:
-            state.phase, state.phase_epoch, state.batch = phase.name, 0, 0
-        if state.phase_epoch < phase.cfg.epochs:
+            start_phase(state, phase.name)
+        if state.phase_epoch < phase.cfg.epochs and not stays_stopped(state, phase.stopping, phase.cfg.epochs):
             return phase
     return None
 
@@ -248,7 +265,8 @@ def train_and_save(
     )
     summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after, weights)
     train_phases(session, phases, compiled_for=session.state.phase if restored else None)
-    save_final(model, Path(outputs.model.save_path), final_metadata(session))
+    weights_from = load_final_weights(session)
+    save_final(model, Path(outputs.model.save_path), final_metadata(session, weights_from))
     write_report(session, report_dir)
     return summary.print_closing(outputs, session.state, session.last_logs, time.time() - started)
 
@@ -279,9 +297,11 @@ def build_checked_model(cfg: Config, data: DataSet, strategy: tf.distribute.Stra
 
 def report_already_complete(cfg: Config, data: DataSet, done: Checkpoint, report_dir: Path, started: float) -> dict:
     """A rerun of a finished run: say so, write the report if it is missing, train nothing."""
+    stops = describe_stops(done.state)
+    longer = "raise train.early_stopping.patience or the epochs" if stops else "raise the epochs"
     print(
-        f"This run is already complete: {cfg.model.save_path} was saved from checkpoint "
-        f"{done.stem}. Nothing to do (raise the epochs to train longer, or +resume=false to start afresh)."
+        f"This run is already complete{f' ({stops})' if stops else ''}: {cfg.model.save_path} was saved "
+        f"from checkpoint {done.stem}. Nothing to do ({longer} to train longer, or +resume=false to start afresh)."
     )
     logs = done.manifest.get("logs", {})
     with space_for(report_dir):
@@ -385,10 +405,16 @@ def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
     )
     session.last_logs = {k: float(v[-1]) for k, v in history.history.items()}
     state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
+    value = session.last_logs.get(phase.stopping.monitor)
+    stops = count_epoch(state, value, phase.stopping, phase.cfg.epochs)
+    if stops:
+        print(announce_stop(state, phase.stopping), flush=True)
     disk_full = history_failure(session.callbacks)
     boundary = state.phase_epoch % cfg.checkpoint.every == 0 or state.phase_epoch == phase.cfg.epochs
+    # With model.final=best, a new best is always checkpointed, so the final model can be the best epoch.
+    new_best = cfg.model.final == "best" and monitor_improved(cfg, value, state.best)
     # Not with a strategy: workers save in step, and the others' disks are not full.
-    if boundary or session.stop.raised or (disk_full and not session.strategy):
+    if boundary or stops or new_best or session.stop.raised or (disk_full and not session.strategy):
         write_checkpoint(session, session.last_logs)
     if disk_full:  # the epoch is checkpointed (or its own error says why not) before the run stops
         session.checkpoints.wait()
@@ -418,23 +444,54 @@ def write_checkpoint(session: Session, logs: dict) -> str:
 
 
 def monitor_improved(cfg: Config, value: float | None, best: float | None) -> bool:
-    if value is None or value != value:  # NaN: mid-epoch checkpoints have no validation yet
-        return False
-    if best is None:
-        return True
-    mode = monitor_mode(cfg.checkpoint.monitor, cfg.checkpoint.mode)
-    return value > best if mode == "max" else value < best
+    """Whether `value` is a new best by checkpoint.monitor (any improvement: min_delta is early stopping's)."""
+    return improves(value, best, resolve_mode(cfg.checkpoint.monitor, cfg.checkpoint.mode))
 
 
-def final_metadata(session: Session) -> dict:
+def load_final_weights(session: Session) -> Checkpoint | None:
+    """With model.final=best, put the best checkpoint's weights into the model; the checkpoint they came from.
+
+    Verified first: the final file must not claim an epoch whose weights are damaged.
+    None with model.final=last, or when no epoch has a monitor value yet.
+    """
+    cfg, state = session.outputs, session.state
+    if cfg.model.final != "best" or state.best_stem is None:
+        return None
+    best = next((c for c in list_checkpoints(Path(cfg.checkpoint.dir)) if c.stem == state.best_stem), None)
+    problem = f"is not in {cfg.checkpoint.dir}" if best is None else verify(best)
+    if best is None or problem:
+        raise CheckpointError(
+            f"model.final=best: the best checkpoint {state.best_stem} {problem}; nothing was saved. "
+            "Run with model.final=last to save the last epoch's weights"
+        )
+    load_weights(session.model, best)
+    print(
+        f"final model: the weights of the best checkpoint, {best.stem} "
+        f"(epoch {best.state.epoch}, {cfg.checkpoint.monitor} {state.best:.4f})",
+        flush=True,
+    )
+    return best
+
+
+def final_metadata(session: Session, weights_from: Checkpoint | None = None) -> dict:
+    """What the final file says about itself; `weights_from` is the checkpoint whose weights it carries (best)."""
     cfg, state = session.outputs, session.state
     found = list_checkpoints(Path(cfg.checkpoint.dir))
+    source = weights_from.state if weights_from else state
     return {
         "class_names": session.data.class_names,
         "image_size": cfg.data.image_size,
         "final_checkpoint": found[-1].identity if found else None,
         "lineage": state.lineage,
         "best": {"monitor": cfg.checkpoint.monitor, "value": state.best, "checkpoint": state.best_stem},
+        # Which epoch's weights the file holds: model.final=best picks the best checkpoint's.
+        "weights": {
+            "final": cfg.model.final,
+            "checkpoint": weights_from.stem if weights_from else (found[-1].stem if found else None),
+            "epoch": source.epoch,
+            "phase": source.phase,
+        },
+        "early_stopping": state.stopped,
         "last_logs": session.last_logs,
         "config": asdict(cfg),
     }
@@ -455,9 +512,15 @@ def write_report(session: Session, report_dir: Path) -> None:
 
 
 def finished_run(cfg: Config, plan: ResumePlan, phases: list[Phase]) -> Checkpoint | None:
-    """The newest checkpoint if training is done and the final model came from it."""
+    """The newest checkpoint if training is done and the final model came from it, with the weights asked for.
+
+    Training is done when every phase ran its epochs or stopped early (advance);
+    a final file of the other model.final (older files: last) is saved again.
+    """
     newest = plan.candidates[0] if plan.candidates else None
     if newest is None or advance(newest.state, phases) is not None:
         return None
     meta = read_metadata_or_none(Path(cfg.model.save_path))
-    return newest if meta and meta.get("final_checkpoint") == newest.identity else None
+    if not meta or meta.get("weights", {}).get("final", "last") != cfg.model.final:
+        return None
+    return newest if meta.get("final_checkpoint") == newest.identity else None

@@ -48,7 +48,7 @@ def test_defaults_are_the_values_conf_writes():
 
 
 SCHEMA = [schema.Config, schema.DataConfig, schema.ModelConfig, schema.TrainConfig, schema.PhaseConfig]
-SCHEMA += [schema.FinetuneConfig, schema.CheckpointConfig, schema.DistributeConfig]
+SCHEMA += [schema.FinetuneConfig, schema.EarlyStoppingConfig, schema.CheckpointConfig, schema.DistributeConfig]
 
 
 @pytest.mark.parametrize("cls", SCHEMA, ids=lambda cls: cls.__name__)
@@ -148,6 +148,9 @@ def test_wrong_type_is_refused_while_composing():
         ("model.weights=/no/such/file.h5", "model.weights"),
         ("model.dropout=1.0", "model.dropout"),
         ("model.save_path=model/final.keras", "model.save_path"),
+        ("model.final=worst", "model.final"),
+        ("train.early_stopping.patience=-1", "train.early_stopping.patience"),
+        ("train.early_stopping.min_delta=-0.1", "train.early_stopping.min_delta"),
     ],
 )
 def test_bad_values_name_their_key(override, key):

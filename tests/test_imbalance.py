@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import composed_defaults, data_config, from_conf
 
-from pipeline.config import monitor_mode, validate
+from pipeline.config import validate
 from pipeline.data.dataset import DataSet, Split, read_dataset, train_batches
 from pipeline.defaults import compose_config
 from pipeline.errors import ConfigError
@@ -23,6 +23,7 @@ from pipeline.reports.report import data_section
 from pipeline.train import weigh_classes
 from pipeline.training.cached_phase import CachedBatches
 from pipeline.training.class_balance import class_weights, imbalance_warning
+from pipeline.training.early_stopping import resolve_mode
 from pipeline.training.epoch_metrics import BalancedAccuracy, MacroF1
 
 NAMES = ["cat", "dog", "fox"]
@@ -82,8 +83,8 @@ def test_scores_leave_out_a_class_without_images_and_images_of_weight_0():
 
 
 def test_mode_auto_maximises_the_scores_and_minimises_losses():
-    assert [monitor_mode(m, "auto") for m in ("val_macro_f1", "val_balanced_accuracy", "val_accuracy")] == ["max"] * 3
-    assert monitor_mode("val_loss", "auto") == "min" and monitor_mode("val_macro_f1", "min") == "min"
+    assert [resolve_mode(m, "auto") for m in ("val_macro_f1", "val_balanced_accuracy", "val_accuracy")] == ["max"] * 3
+    assert resolve_mode("val_loss", "auto") == "min" and resolve_mode("val_macro_f1", "min") == "min"
 
 
 # ---- the class weights --------------------------------------------------------

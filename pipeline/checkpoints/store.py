@@ -423,16 +423,11 @@ def verify(ckpt: Checkpoint) -> str | None:
 def restore(model: keras.Model, ckpt: Checkpoint) -> None:
     """Load weights, optimizer state and dropout's random state into a compiled model."""
     directory = ckpt.path.parent
-    fmt = ckpt.manifest["format"]
-    model_file = directory / (ckpt.stem + SUFFIXES[fmt])
     # Built first: a .keras file's own optimizer state then loads cleanly instead
     # of Keras warning that it skipped it (the .state.npz values are set below anyway).
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
-    if fmt == "tf_checkpoint":
-        tf.train.Checkpoint(model=model).restore(str(model_file)).expect_partial()
-    else:
-        model.load_weights(str(model_file))
+    load_weights(model, ckpt)
     with np.load(directory / (ckpt.stem + STATE)) as state:
         restore_optimizer(model, [state[k] for k in sorted(state.files) if k.startswith("opt_")])
         saved_seeds = sorted(k for k in state.files if k.startswith("seed_"))
@@ -440,6 +435,16 @@ def restore(model: keras.Model, ckpt: Checkpoint) -> None:
         # may find more or fewer saved states than generators; the ones that pair up are restored.
         for gen, key in zip(seed_generators(model), saved_seeds, strict=False):
             gen.state.assign(state[key])
+
+
+def load_weights(model: keras.Model, ckpt: Checkpoint) -> None:
+    """The checkpoint's model weights into `model`, whatever its format (a weights-only one too)."""
+    fmt = ckpt.manifest["format"]
+    model_file = ckpt.path.parent / (ckpt.stem + SUFFIXES[fmt])
+    if fmt == "tf_checkpoint":
+        tf.train.Checkpoint(model=model).restore(str(model_file)).expect_partial()
+    else:
+        model.load_weights(str(model_file))
 
 
 def restore_optimizer(model: keras.Model, values: list) -> None:
