@@ -19,6 +19,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, Container, DictConfig, OmegaConf
@@ -102,6 +103,9 @@ class TrainConfig:
     threads: int = MISSING
     precision: str = MISSING
     cache_dir: str = MISSING
+    # none, balanced, or {class name: weight}: a union OmegaConf cannot type, so validate_class_weight checks it.
+    class_weight: Any = MISSING
+    label_smoothing: float = MISSING
     head: PhaseConfig = MISSING
     finetune: FinetuneConfig = MISSING
     early_stopping: EarlyStoppingConfig = MISSING
@@ -174,7 +178,10 @@ def register_config() -> None:
 CHECKPOINT_FORMATS = ("keras", "h5", "weights_h5", "tf_checkpoint")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 SCHEDULES = ("cosine", "constant")
-METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+# What checkpoint.monitor and the filename may name, by the names fit logs them under: the validation
+# scores for imbalanced sets (training/epoch_metrics.py) as well; history.csv holds every one.
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1", "val_balanced_accuracy")
+CLASS_WEIGHTS = ("none", "balanced")
 FILENAME_FIELDS = ("epoch",) + METRICS
 # The seed (Keras 2) spelled accuracy "acc"; Keras 3 logs only "accuracy".
 SEED_SPELLINGS = {"val_acc": "val_accuracy", "acc": "accuracy"}
@@ -313,6 +320,9 @@ def validate(config: Config) -> None:
     at_least("train.early_stopping.patience", t.early_stopping.patience, 0, "0 turns early stopping off")
     at_least("train.early_stopping.min_delta", t.early_stopping.min_delta, 0.0, "in the monitor's unit")
     at_least("train.threads", t.threads, 0)
+    validate_class_weight(t.class_weight)
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise ConfigError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
     one_of("train.precision", t.precision, PRECISIONS)
     validate_finetune_cache(t.finetune, m.weights)
     validate_reused_views(t)
@@ -332,6 +342,22 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"train.{name}.cached_views={getattr(t, name).cached_views} cannot be combined with "
                 f"distribute={config.distribute.strategy}: set it to 0 for distributed runs"
+            )
+
+
+def validate_class_weight(setting) -> None:
+    """none, balanced, or a mapping of class names to positive numbers (names are checked against the data later)."""
+    if setting in CLASS_WEIGHTS:
+        return
+    if not isinstance(setting, dict) or not setting:
+        raise ConfigError(
+            f"train.class_weight={setting!r} is not allowed; choose none, balanced, or a mapping of class names "
+            "to weights, e.g. 'train.class_weight={cat:1,dog:3}'"
+        )
+    for name, weight in setting.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(
+                f"train.class_weight: the weight of class {name!r} is {weight!r}; it must be a number > 0"
             )
 
 

@@ -15,6 +15,7 @@ from keras import layers
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError, WeightsError
+from pipeline.training.epoch_metrics import imbalance_metrics
 
 BASE_NAME = "inception_v3"
 # Keras's own download location and file for the no-top ImageNet weights.
@@ -147,13 +148,44 @@ def make_optimizer(
 
 
 def compile_model(
-    model: keras.Model, optimizer_name: str, lr: float, schedule: str = "constant", decay_steps: int = 1
+    model: keras.Model,
+    optimizer_name: str,
+    lr: float,
+    schedule: str = "constant",
+    decay_steps: int = 1,
+    label_smoothing: float = 0.0,
 ) -> None:
+    """The phase's optimizer, the (label-smoothed) cross-entropy, and the metrics every epoch logs.
+
+    `label_smoothing` is train.label_smoothing; accuracy and the imbalance scores
+    (epoch_metrics.py) compare the argmax with the true label, so smoothing does not change them.
+    """
     # optimizer= by keyword: positionally, a reloaded .keras file gets a different optimizer.
     # jit_compile=False: XLA was slower than plain TensorFlow on this CPU.
     model.compile(
         optimizer=make_optimizer(optimizer_name, lr, schedule, decay_steps),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        **compiled_metrics(model.output_shape[-1]),
         jit_compile=False,
     )
+    keep_saved_files_portable(model)
+
+
+def compiled_metrics(n_classes: int) -> dict:
+    """compile()'s metrics: accuracy, and the imbalance scores as weighted metrics, so a distributed
+    run's padding images (weight 0) go uncounted. Validation carries no class weights; in training a
+    class's weight scales its whole row of the confusion matrix, which leaves balanced_accuracy as it
+    is but makes the training macro_f1 a class-weighted one (val_macro_f1 is not)."""
+    return {"metrics": ["accuracy"], "weighted_metrics": imbalance_metrics(n_classes)}
+
+
+def keep_saved_files_portable(model: keras.Model) -> None:
+    """Leave the imbalance scores out of the compile config that full-model saves record.
+
+    A .keras file recompiles from that config when loaded, and a class of this
+    package in it would make `keras.models.load_model` fail in any process that
+    has not imported the package (the seed's way of reading a checkpoint). The
+    config is taken now, as Keras would serialize it, without weighted_metrics.
+    """
+    saved = {k: v for k, v in model.get_compile_config().items() if k != "weighted_metrics"}
+    model.get_compile_config = lambda: saved

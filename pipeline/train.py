@@ -10,13 +10,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from pipeline.checkpoints.fingerprint import files_digest, save_file_list
 from pipeline.checkpoints.resume import ResumePlan, plan_resume, restore_newest_usable
 from pipeline.checkpoints.store import Checkpoint, checkpoint_stem, list_checkpoints, load_weights, space_for, verify
 from pipeline.checkpoints.writer import CheckpointWriter, prune_and_announce
-from pipeline.config import Config, PhaseConfig
+from pipeline.config import METRICS, Config, PhaseConfig
 from pipeline.data.dataset import DataSet, file_list, validation_batches
 from pipeline.data.prepare import prepare_data
 from pipeline.distribute.strategy import (
@@ -38,6 +39,7 @@ from pipeline.reports.tracking import Tracker, start_tracking
 from pipeline.state import TrainState
 from pipeline.training.batch_saver import BatchSaver, StopFlag
 from pipeline.training.cached_phase import Feed, check_cached_cut, make_feed
+from pipeline.training.class_balance import class_weights, imbalance_warning
 from pipeline.training.early_stopping import (
     StopRule,
     announce_stop,
@@ -89,6 +91,7 @@ class Session:
     stop: StopFlag = field(default_factory=StopFlag)
     feed: Feed | None = None  # what the current phase's fit() runs on (cached_phase.py)
     callbacks: list = field(default_factory=list)  # per-epoch records (history.py), passed to every fit
+    class_weights: np.ndarray | None = None  # per class, for the loss (class_balance.py); None: unweighted
 
     @property
     def checkpoints(self) -> CheckpointWriter:
@@ -113,7 +116,9 @@ class Session:
         phase_cfg = getattr(self.cfg.train, state.phase)
         set_trainable(self.model, state.phase, self.unfreeze_after, self.pretrained)
         steps = phase_cfg.epochs * math.ceil(len(self.data.train.filepaths) / self.cfg.data.batch_size)
-        compile_model(self.model, phase_cfg.optimizer, phase_cfg.lr, phase_cfg.schedule, steps)
+        compile_model(
+            self.model, phase_cfg.optimizer, phase_cfg.lr, phase_cfg.schedule, steps, self.cfg.train.label_smoothing
+        )
         return self.model
 
 
@@ -200,6 +205,9 @@ def make_fingerprint(cfg: Config, data: DataSet, files: dict | None = None) -> d
             for key in ("optimizer", "schedule")
         },
         "train.finetune.unfreeze_after": unfreeze_after or "none",
+        # As given (none, balanced or the mapping): balanced's weights follow from the data, digested above.
+        "train.class_weight": t.class_weight,
+        "train.label_smoothing": t.label_smoothing,
     }
 
 
@@ -238,9 +246,11 @@ def train_and_save(
     """The stages in order, reading checkpoints from cfg's paths and writing to outputs'."""
     started = time.time()
     data = prepare_data(cfg.data, report_dir)
+    weights = weigh_classes(cfg, data)
     model = build_checked_model(cfg, data, strategy)
     files = file_list(data, Path(cfg.data.dir))
     session = Session(cfg, data, model, make_fingerprint(cfg, data, files), outputs, strategy=strategy)
+    session.class_weights = weights
     phases = plan_phases(cfg)
     plan = plan_resume(Path(cfg.checkpoint.dir), session.fingerprint, resume, read_only, files)
     done = finished_run(cfg, plan, phases)
@@ -263,7 +273,7 @@ def train_and_save(
     )
     # Epochs committed by a run killed before it could log them; none twice (reports/tracking.py).
     tracker.log_committed_epochs(session.state.epoch)
-    summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after)
+    summary.print_startup(cfg, data, phases, plan.reason, restored, session.unfreeze_after, weights)
     try:
         train_phases(session, phases, compiled_for=session.state.phase if restored else None)
         weights_from = load_final_weights(session)
@@ -274,6 +284,16 @@ def train_and_save(
         raise
     tracker.finish(Path(outputs.model.save_path))
     return summary.print_closing(outputs, session.state, session.last_logs, time.time() - started)
+
+
+def weigh_classes(cfg: Config, data: DataSet) -> np.ndarray | None:
+    """train.class_weight as one weight per class (names checked against the data), after the
+    warning that suggests weights for a strongly imbalanced training set trained without them."""
+    counts = data.train.counts(len(data.class_names))
+    warning = imbalance_warning(cfg.train.class_weight, data.class_names, counts)
+    if warning:
+        print(warning, flush=True)
+    return class_weights(cfg.train.class_weight, data.class_names, counts)
 
 
 def build_checked_model(cfg: Config, data: DataSet, strategy: tf.distribute.Strategy | None) -> keras.Model:
@@ -350,7 +370,13 @@ def train_phases(session: Session, phases: list[Phase], compiled_for: str | None
             if session.feed is None or session.feed.phase != phase.name:
                 first_epoch = session.state.epoch - session.state.phase_epoch
                 session.feed = make_feed(
-                    session.model, session.data, session.cfg, phase.name, first_epoch, session.unfreeze_after
+                    session.model,
+                    session.data,
+                    session.cfg,
+                    phase.name,
+                    first_epoch,
+                    session.unfreeze_after,
+                    session.class_weights,
                 )
             fit_epoch(session, phase, session.feed)
             if session.stop.raised:  # SIGTERM arrived in the last batch, validation or the checkpoint
@@ -381,7 +407,8 @@ def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
 
     def save_mid_epoch(done: int, logs: dict) -> str:
         state.batch = done
-        return write_checkpoint(session, {**logs, "val_loss": float("nan"), "val_accuracy": float("nan")})
+        # No validation yet: every val_ metric is NaN (the name's field, and never the best).
+        return write_checkpoint(session, {**logs, **{k: float("nan") for k in METRICS if k.startswith("val_")}})
 
     saver = BatchSaver(
         save_mid_epoch, cfg.checkpoint.every_batches, state.batch, batches.batches_per_epoch, session.stop

@@ -106,6 +106,8 @@ SETTING_CHANGES = {
     "train.finetune.optimizer": ("train.finetune.optimizer", "rmsprop", "finetune"),
     "train.finetune.schedule": ("train.finetune.schedule", "constant", "finetune"),
     "train.finetune.unfreeze_after": ("train.finetune.unfreeze_after", "mixed8", "finetune"),
+    "train.class_weight": ("train.class_weight", "balanced", "head"),
+    "train.label_smoothing": ("train.label_smoothing", 0.1, "head"),
 }
 # Set by the code or by the data, not by one config key: tested on their own below.
 NOT_SETTINGS = {"architecture", "classes", "data", "train_images", "validation_images"}

@@ -10,6 +10,7 @@ test in test_e2e.py covers the fine-tune phase.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -22,6 +23,7 @@ import pytest
 from conftest import REPO, cli_env, final_weights, largest_difference, run_args, run_cli
 
 from pipeline.checkpoints.store import list_checkpoints, verify
+from pipeline.reports.history import HISTORY, read_history
 
 pytestmark = pytest.mark.e2e
 HEAD_ONLY = ["train.head.epochs=2", "train.finetune.epochs=0"]
@@ -92,11 +94,37 @@ def test_kill_during_the_final_save_keeps_the_previous_model(reference, tmp_path
     assert keras.models.load_model(previous, compile=False).output_shape == (None, 3)
 
 
-def test_kill_mid_epoch_resumes_at_the_right_batch(reference, tmp_path, tiny_data):
+# The mid-epoch kill runs with class weights (sample weights from the feed) and label smoothing (in the
+# loss), so one pair of runs shows both the batch position and these settings survive; the unweighted
+# head phase is killed mid-epoch in test_kill_campaign.py.
+WEIGHTED = ("train.class_weight={circle:4,square:0.5}", "train.label_smoothing=0.1")
+
+
+@pytest.fixture(scope="module")
+def weighted_reference(tmp_path_factory, tiny_data):
+    tmp = tmp_path_factory.mktemp("weighted_reference")
+    result = run_cli(*args_for(tmp, tiny_data, *WEIGHTED), cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp, final_weights(tmp)
+
+
+def test_kill_mid_epoch_resumes_at_the_right_batch_with_class_weights_and_label_smoothing(
+    reference, weighted_reference, tmp_path, tiny_data
+):
     # checkpoints after batches 1 and 2 of epoch 1; killed right after the second commits
-    first, second = killed_then_resumed(tmp_path, tiny_data, "after_manifest#2", "checkpoint.every_batches=1")
+    extra = ("checkpoint.every_batches=1", *WEIGHTED)
+    first, second = killed_then_resumed(tmp_path, tiny_data, "after_manifest#2", *extra)
     assert "2 batches into the next" in second.stdout
-    assert largest_difference(reference[1], final_weights(tmp_path)) <= 1e-5
+    assert "class weights by class: circle 4, square 0.5, triangle 1" in second.stdout
+    assert largest_difference(weighted_reference[1], final_weights(tmp_path)) <= 1e-5
+    # Control: the two settings change the training, so the match above is theirs.
+    assert largest_difference(reference[1], weighted_reference[1]) > 1e-4
+    # The epoch's val_macro_f1 is the final model's, scored over the whole validation set by the report.
+    rows = read_history(tmp_path / "outputs" / HISTORY)
+    assert [r["epoch"] for r in rows] == [1, 2] and not any(math.isnan(r["val_macro_f1"]) for r in rows)
+    report = (tmp_path / "outputs" / "report.md").read_text()
+    last = rows[-1]
+    assert f"macro-F1 {last['val_macro_f1']:.4f}, balanced accuracy {last['val_balanced_accuracy']:.4f}" in report
 
 
 def test_sigterm_saves_at_the_next_batch_and_resumes_exactly(reference, tmp_path, tiny_data):

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from pipeline.atomic_file import fsync_dir, fsync_file, replaced, write_json
 from pipeline.checkpoints.lock import LOCK_FILE
-from pipeline.config import CheckpointConfig
+from pipeline.config import METRICS, CheckpointConfig
 from pipeline.errors import CheckpointError, DiskFull, IncompatibleCheckpoint
 from pipeline.state import TrainState
 
@@ -173,7 +173,7 @@ def seed_generators(model: keras.Model) -> list:
 
 def checkpoint_stem(cfg: CheckpointConfig, state: TrainState, logs: dict) -> str:
     """The configured filename filled in, made unique if a pattern without {epoch} repeats itself."""
-    metrics = {k: logs.get(k, float("nan")) for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+    metrics = {k: logs.get(k, float("nan")) for k in METRICS}
     # Like Keras: a completed epoch is named by its count, a mid-epoch one by the epoch in progress.
     name = cfg.filename.format(epoch=state.epoch + (1 if state.batch else 0), **metrics)
     directory = Path(cfg.dir)

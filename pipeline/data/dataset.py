@@ -450,9 +450,11 @@ class Batches(tf.keras.utils.PyDataset):
         augmenter: ImageDataGenerator | None,
         shuffle: bool,
         start_batch: int = 0,
+        class_weights: np.ndarray | None = None,
     ):
         super().__init__(workers=cfg.workers, use_multiprocessing=False, max_queue_size=4)
         self.split, self.n_classes, self.cfg = split, n_classes, cfg
+        self.class_weights = class_weights  # per class, given to the loss as sample weights (class_balance.py)
         self.seed, self.epoch, self.augmenter = seed, epoch, augmenter
         n = len(split.filepaths)
         self.order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
@@ -463,7 +465,10 @@ class Batches(tf.keras.utils.PyDataset):
         return self.batches_per_epoch - self.start_batch
 
     def __getitem__(self, index: int):
-        return self.arrays(self.picks(index + self.start_batch))
+        picks = self.picks(index + self.start_batch)
+        if self.class_weights is None:
+            return self.arrays(picks)
+        return (*self.arrays(picks), self.class_weights[self.split.labels[picks]])
 
     def arrays(self, picks: np.ndarray):
         """Pixels and one-hot labels of the images `picks` indexes, in that order."""
@@ -479,6 +484,7 @@ class Batches(tf.keras.utils.PyDataset):
 
         Every part has the same size, so no replica waits on another with an empty
         batch: a short part is padded with a copy of the batch's first image at weight 0.
+        The other images weigh 1, or their class's weight when the batches have class weights.
         """
         picks = self.picks(batch)
         size = -(-len(picks) // parts)
@@ -486,7 +492,9 @@ class Batches(tf.keras.utils.PyDataset):
         padded = np.concatenate([mine, np.repeat(picks[:1], size - len(mine))]).astype(int)
         x, y = self.arrays(padded)
         w = (np.arange(size) < len(mine)).astype(np.float32)
-        return x.astype(np.float32), y, w
+        if self.class_weights is not None:
+            w = w * self.class_weights[self.split.labels[padded]]
+        return x.astype(np.float32), y, w.astype(np.float32)
 
     def load(self, j: int) -> np.ndarray:
         x = load_image(self.split.filepaths[j], self.cfg.image_size, self.cfg.interpolation, self.cfg.max_pixels)
@@ -498,9 +506,25 @@ class Batches(tf.keras.utils.PyDataset):
         return self.augmenter.apply_transform(x, params)
 
 
-def train_batches(data: DataSet, cfg: DataConfig, seed: int, epoch: int, start_batch: int = 0) -> Batches:
+def train_batches(
+    data: DataSet,
+    cfg: DataConfig,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+    class_weights: np.ndarray | None = None,
+) -> Batches:
+    """One epoch's training batches; with `class_weights`, each batch also carries its images' weights."""
     return Batches(
-        data.train, len(data.class_names), cfg, seed, epoch, data.augmenter, shuffle=True, start_batch=start_batch
+        data.train,
+        len(data.class_names),
+        cfg,
+        seed,
+        epoch,
+        data.augmenter,
+        shuffle=True,
+        start_batch=start_batch,
+        class_weights=class_weights,
     )
 
 

@@ -6,9 +6,14 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.state import TrainState
+from pipeline.training.class_balance import describe_weights
 
 
-def print_startup(cfg: Config, data, phases, reason: str, restored, unfreeze_after) -> None:
+def print_startup(cfg: Config, data, phases, reason: str, restored, unfreeze_after, class_weights=None) -> None:
+    """The plan: data per class, model, phases, the loss's class weights, checkpoints, and where training starts.
+
+    `class_weights` are train.class_weight's per-class weights (class_balance.py), None when unweighted.
+    """
     n = len(data.class_names)
     train_counts, val_counts = data.train.counts(n), data.validation.counts(n)
     lines = [
@@ -24,6 +29,10 @@ def print_startup(cfg: Config, data, phases, reason: str, restored, unfreeze_aft
     lines.append(
         f"model: InceptionV3 at {cfg.data.image_size} px, weights {weights}, "
         f"head: pooling, dropout {cfg.model.dropout}, softmax over {n} classes"
+    )
+    lines.append(
+        f"loss: cross-entropy, label smoothing {cfg.train.label_smoothing:g}, class weights "
+        + describe_weights(cfg.train.class_weight, data.class_names, class_weights)
     )
     for phase in phases:
         what = (

@@ -25,6 +25,7 @@ from tensorflow.core.framework import summary_pb2
 
 from pipeline.atomic_file import replaced
 from pipeline.checkpoints.store import reach, space_for
+from pipeline.config import METRICS as MONITORED
 from pipeline.errors import DiskFull
 from pipeline.state import TrainState
 
@@ -38,12 +39,17 @@ COLUMNS = (
     "accuracy",
     "val_loss",
     "val_accuracy",
+    "val_macro_f1",
+    "val_balanced_accuracy",
     "lr",
     "seconds",
     "resumed_from",
     "resumed_at",
 )
-METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+# What fit logs that history.csv keeps: every value checkpoint.monitor may name (config.METRICS), with the
+# validation scores for imbalanced sets but not their training counterparts (class-weighted in training).
+LOGGED = MONITORED
+METRICS = (*LOGGED, "lr", "seconds")
 # TensorBoard's scalar plugin marker. tf.summary.scalar would add it, but it needs
 # the tensorboard package, which TensorFlow no longer brings; tf.summary.write does not.
 SCALAR_METADATA = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
@@ -151,7 +157,12 @@ def write_scalars(writers: dict, row: dict) -> None:
             "epoch_learning_rate": row["lr"],
             "epoch_seconds": row["seconds"],
         },
-        "validation": {"epoch_loss": row["val_loss"], "epoch_accuracy": row["val_accuracy"]},
+        "validation": {
+            "epoch_loss": row["val_loss"],
+            "epoch_accuracy": row["val_accuracy"],
+            "epoch_macro_f1": row["val_macro_f1"],
+            "epoch_balanced_accuracy": row["val_balanced_accuracy"],
+        },
     }
     for split, scalars in values.items():
         with writers[split].as_default():
@@ -195,7 +206,7 @@ class EpochRecorder(keras.callbacks.Callback):
             "epoch": state.epoch + 1,
             "phase": state.phase,
             "phase_epoch": state.phase_epoch + 1,
-            **{k: to_float(logs.get(k)) for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
+            **{k: to_float(logs.get(k)) for k in LOGGED},
             "lr": self.lr,
             "seconds": round(time.time() - self.started, 2),
             "resumed_from": "",

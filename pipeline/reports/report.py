@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from pipeline.atomic_file import replaced
-from pipeline.config import Config
+from pipeline.config import METRICS, Config
 from pipeline.data.dataset import DataSet, validation_batches
 from pipeline.inference import predict_batch
 from pipeline.model import resolve_unfreeze_after
@@ -26,6 +26,7 @@ from pipeline.reports.history import HISTORY, TENSORBOARD, read_history
 from pipeline.reports.metrics import CORNER, accuracy, class_scores, confusion_matrix
 from pipeline.reports.plots import draw_confusion, draw_curves
 from pipeline.state import TrainState
+from pipeline.training.class_balance import class_weights, describe_weights
 
 REPORT = "report.md"
 CURVES = "curves.png"
@@ -113,6 +114,9 @@ def data_section(cfg: Config, data: DataSet) -> str:
     ratio = max(train) / smallest if smallest else float("inf")
     balance = "balanced" if ratio <= 1.5 else "imbalanced: accuracy alone flatters the larger classes"
     lines += ["", f"Class balance (largest / smallest training class): {ratio:.2f}, {balance}."]
+    t = cfg.train
+    weights = describe_weights(t.class_weight, data.class_names, class_weights(t.class_weight, data.class_names, train))
+    lines += ["", f"Loss: cross-entropy, label smoothing {t.label_smoothing:g}; class weights {weights}."]
     return "\n".join(lines)
 
 
@@ -154,8 +158,7 @@ def result_section(cfg: Config, state: TrainState, last_logs: dict, rows: list[d
         "",
         f"- epochs trained: {state.epoch}",
         f"- best {monitor}: {best}{at} (checkpoint `{state.best_stem}`)",
-        "- final: "
-        + ", ".join(f"{k} {fmt(last_logs.get(k))}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")),
+        "- final: " + ", ".join(f"{k} {fmt(last_logs.get(k))}" for k in METRICS),
     ]
     resumes = [r for r in rows if r["resumed_from"]]
     if resumes:
@@ -174,8 +177,10 @@ def best_epoch(rows: list[dict], monitor: str, best: float | None) -> int | None
 
 def confusion_section(matrix: np.ndarray, names: list[str]) -> str:
     scores = class_scores(matrix)
+    present = scores.support > 0  # as the logged val_macro_f1 and val_balanced_accuracy count
     summary = (
-        f"Accuracy {accuracy(matrix):.4f} ({int(np.trace(matrix))} of {int(matrix.sum())}); "
+        f"Accuracy {accuracy(matrix):.4f} ({int(np.trace(matrix))} of {int(matrix.sum())}), "
+        f"macro-F1 {scores.f1[present].mean():.4f}, balanced accuracy {scores.recall[present].mean():.4f}; "
         "rows are the true class, columns the predicted one."
     )
     lines = [

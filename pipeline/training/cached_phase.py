@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.data.dataset import DataSet, train_batches, validation_batches
 from pipeline.errors import ConfigError
-from pipeline.model import base_of, resolve_unfreeze_after
+from pipeline.model import base_of, compiled_metrics, keep_saved_files_portable, resolve_unfreeze_after
 from pipeline.training.feature_cache import (
     Features,
     compute_features,
@@ -55,10 +55,12 @@ class CachedBatches(keras.utils.PyDataset):
         batch_size: int,
         order: np.ndarray,
         start_batch: int = 0,
+        class_weights: np.ndarray | None = None,
     ):
         super().__init__()
         self.features, self.labels, self.n_classes = features, labels, n_classes
         self.batch_size, self.order, self.start_batch = batch_size, order, start_batch
+        self.class_weights = class_weights  # as data.Batches: the loss's per-class sample weights
         self.batches_per_epoch = -(-len(order) // batch_size)
 
     def __len__(self) -> int:
@@ -68,11 +70,19 @@ class CachedBatches(keras.utils.PyDataset):
         batch = index + self.start_batch
         picks = self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
         y = np.eye(self.n_classes, dtype=np.float32)[self.labels[picks]]
-        return np.asarray(self.features[picks]), y
+        if self.class_weights is None:
+            return np.asarray(self.features[picks]), y
+        return np.asarray(self.features[picks]), y, self.class_weights[self.labels[picks]]
 
 
 def make_feed(
-    model: keras.Model, data: DataSet, cfg: Config, phase: str, first_epoch: int, unfreeze_after: str | None
+    model: keras.Model,
+    data: DataSet,
+    cfg: Config,
+    phase: str,
+    first_epoch: int,
+    unfreeze_after: str | None,
+    class_weights: np.ndarray | None = None,
 ) -> Feed:
     """The phase's feed: cached when its `cached_views` > 0, else the images themselves.
 
@@ -80,13 +90,14 @@ def make_feed(
     epoch first_epoch + v, the augmentation an uncached run would draw then.
     With train.finetune.reuse_head_views both phases use the head phase's
     views (epochs 0..K-1): one pass to the unfreeze point serves both.
+    `class_weights` (class_balance.py) weigh the training batches of either kind.
     """
     views = getattr(cfg.train, phase).cached_views
     if views == 0:
         return Feed(
             phase,
             model,
-            lambda epoch, start: train_batches(data, cfg.data, cfg.train.seed, epoch, start),
+            lambda epoch, start: train_batches(data, cfg.data, cfg.train.seed, epoch, start, class_weights),
             validation_batches(data, cfg.data),
         )
     reuse = cfg.train.finetune.reuse_head_views
@@ -103,7 +114,7 @@ def make_feed(
     return Feed(
         phase,
         upper,
-        lambda epoch, start: cached_train(features, data, cfg, epoch, first_epoch, start),
+        lambda epoch, start: cached_train(features, data, cfg, epoch, first_epoch, start, class_weights),
         CachedBatches(
             features.validation,
             data.validation.labels,
@@ -163,14 +174,26 @@ def announce_and_compute(
 
 
 def cached_train(
-    features: Features, data: DataSet, cfg: Config, epoch: int, first_epoch: int, start_batch: int
+    features: Features,
+    data: DataSet,
+    cfg: Config,
+    epoch: int,
+    first_epoch: int,
+    start_batch: int,
+    class_weights: np.ndarray | None = None,
 ) -> CachedBatches:
     """Epoch `epoch` trains on view (epoch - first_epoch) mod K, in the order the uncached run uses."""
     view = (epoch - first_epoch) % features.train.shape[0]
     # The same permutation data.Batches would serve in this epoch (one source of truth for the order).
     order = train_batches(data, cfg.data, cfg.train.seed, epoch).order
     return CachedBatches(
-        features.train[view], data.train.labels, len(data.class_names), cfg.data.batch_size, order, start_batch
+        features.train[view],
+        data.train.labels,
+        len(data.class_names),
+        cfg.data.batch_size,
+        order,
+        start_batch,
+        class_weights,
     )
 
 
@@ -244,4 +267,5 @@ def share_compilation(upper: keras.Model, full: keras.Model) -> None:
         raise ConfigError(
             "the layers above the cached cut are not exactly the layers that train; set the phase's cached_views=0"
         )
-    upper.compile(optimizer=optimizer, loss=full.loss, metrics=["accuracy"], jit_compile=False)
+    upper.compile(optimizer=optimizer, loss=full.loss, **compiled_metrics(full.output_shape[-1]), jit_compile=False)
+    keep_saved_files_portable(upper)
