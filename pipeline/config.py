@@ -23,6 +23,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, Container, DictConfig, OmegaConf
 
+from pipeline.backbones import BACKBONES
 from pipeline.errors import ConfigError
 from pipeline.run_names import run_name
 
@@ -51,8 +52,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Values: conf/model/inception_v3.yaml."""
+    """Values: conf/model/<name>.yaml (inception_v3 is the default); a backbone's facts: pipeline/backbones.py."""
 
+    name: str = MISSING
     weights: str | None = MISSING
     dropout: float = MISSING
     random_init_bn_momentum: float = MISSING
@@ -215,7 +217,11 @@ def filename_fields(pattern: str) -> list[str]:
 def validate(config: Config) -> None:
     """Check every range, choice and path; raise ConfigError naming the key."""
     d, m, t, c = config.data, config.model, config.train, config.checkpoint
-    at_least("data.image_size", d.image_size, 75, "InceptionV3 needs at least 75 px")
+    one_of("model.name", m.name, tuple(BACKBONES))
+    backbone = BACKBONES[m.name]
+    at_least(
+        "data.image_size", d.image_size, backbone.min_size, f"{backbone.display} needs at least {backbone.min_size} px"
+    )
     at_least("data.batch_size", d.batch_size, 1)
     at_least("data.workers", d.workers, 0)
     between("data.validation_split", d.validation_split, 0.0, 1.0)
@@ -231,7 +237,7 @@ def validate(config: Config) -> None:
             f"data.dir={d.dir!r} is not a folder; point it at a folder with train/<class>/ "
             "(and validation/<class>/), or at an empty folder to get the sample set"
         )
-    validate_weights(m.weights)
+    validate_weights(m.weights, backbone.display)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     between("model.random_init_bn_momentum", m.random_init_bn_momentum, 0.0, 1.0)
@@ -246,7 +252,7 @@ def validate(config: Config) -> None:
         at_least(f"train.{name}.cached_views", phase.cached_views, 0)
     at_least("train.threads", t.threads, 0)
     one_of("train.precision", t.precision, PRECISIONS)
-    validate_finetune_cache(t.finetune, m.weights)
+    validate_finetune_cache(t.finetune, m.weights, backbone.cut)
     validate_reused_views(t)
     if t.head.epochs + t.finetune.epochs == 0:
         raise ConfigError("train.head.epochs and train.finetune.epochs are both 0: nothing to train")
@@ -276,7 +282,7 @@ def validate_distribute(dist: DistributeConfig) -> None:
         )
 
 
-def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None) -> None:
+def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None, cut: str) -> None:
     """Cached fine-tuning needs a frozen lower part to cache; a whole-base fine-tune has none."""
     whole_base = finetune.unfreeze_after == "none" or (finetune.unfreeze_after == "auto" and weights is None)
     if finetune.cached_views and whole_base:
@@ -284,7 +290,7 @@ def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None) -> No
             f"train.finetune.cached_views={finetune.cached_views} needs a frozen lower part to cache, but "
             f"train.finetune.unfreeze_after={finetune.unfreeze_after!r} trains the whole base"
             + (" (auto means none with model.weights=null)" if finetune.unfreeze_after == "auto" else "")
-            + "; set train.finetune.unfreeze_after=mixed8 (or another layer), or train.finetune.cached_views=0"
+            + f"; set train.finetune.unfreeze_after={cut} (or another layer), or train.finetune.cached_views=0"
         )
 
 
@@ -307,13 +313,13 @@ def validate_reused_views(t: TrainConfig) -> None:
         )
 
 
-def validate_weights(weights: str | None) -> None:
+def validate_weights(weights: str | None, display: str) -> None:
     if weights in (None, "imagenet"):
         return
     if not Path(weights).is_file():
         raise ConfigError(
             f"model.weights={weights!r}: no such file. Use 'imagenet', null (random init) "
-            "or the path of an InceptionV3 no-top weights file (.h5)"
+            f"or the path of a {display} no-top weights file (.h5)"
         )
 
 
