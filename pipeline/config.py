@@ -24,6 +24,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, Container, DictConfig, OmegaConf
 
+from pipeline.backbones import BACKBONES
 from pipeline.errors import ConfigError
 from pipeline.run_names import run_name
 
@@ -58,8 +59,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Values: conf/model/inception_v3.yaml."""
+    """Values: conf/model/<name>.yaml (inception_v3 is the default); a backbone's facts: pipeline/backbones.py."""
 
+    name: str = MISSING
     weights: str | None = MISSING
     dropout: float = MISSING
     random_init_bn_momentum: float = MISSING
@@ -286,7 +288,11 @@ def filename_fields(pattern: str) -> list[str]:
 def validate(config: Config) -> None:
     """Check every range, choice and path; raise ConfigError naming the key."""
     d, m, t, c = config.data, config.model, config.train, config.checkpoint
-    at_least("data.image_size", d.image_size, 75, "InceptionV3 needs at least 75 px")
+    one_of("model.name", m.name, tuple(BACKBONES))
+    backbone = BACKBONES[m.name]
+    at_least(
+        "data.image_size", d.image_size, backbone.min_size, f"{backbone.display} needs at least {backbone.min_size} px"
+    )
     at_least("data.batch_size", d.batch_size, 1)
     at_least("data.workers", d.workers, 0)
     between("data.validation_split", d.validation_split, 0.0, 1.0)
@@ -303,7 +309,7 @@ def validate(config: Config) -> None:
             "(and validation/<class>/) or <class>/ folders, or at an empty folder to get the sample set"
         )
     validate_label_files(d)
-    validate_weights(m.weights)
+    validate_weights(m.weights, backbone.display)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     between("model.random_init_bn_momentum", m.random_init_bn_momentum, 0.0, 1.0)
@@ -324,7 +330,7 @@ def validate(config: Config) -> None:
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
     one_of("train.precision", t.precision, PRECISIONS)
-    validate_finetune_cache(t.finetune, m.weights)
+    validate_finetune_cache(t.finetune, m.weights, backbone.cut)
     validate_reused_views(t)
     if t.head.epochs + t.finetune.epochs == 0:
         raise ConfigError("train.head.epochs and train.finetune.epochs are both 0: nothing to train")
@@ -403,14 +409,14 @@ def validate_logger(logger: LoggerConfig) -> None:
         raise ConfigError("logger.experiment is empty; name the MLflow experiment runs are recorded under")
 
 
-def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None) -> None:
+def validate_finetune_cache(finetune: FinetuneConfig, weights: str | None, cut: str) -> None:
     """Cached fine-tuning needs a frozen lower part to cache; a whole-base fine-tune has none."""
     if finetune.cached_views and whole_base_finetune(finetune, weights):
         raise ConfigError(
             f"train.finetune.cached_views={finetune.cached_views} needs a frozen lower part to cache, but "
             f"train.finetune.unfreeze_after={finetune.unfreeze_after!r} trains the whole base"
             + (" (auto means none with model.weights=null)" if finetune.unfreeze_after == "auto" else "")
-            + "; set train.finetune.unfreeze_after=mixed8 (or another layer), or train.finetune.cached_views=0"
+            + f"; set train.finetune.unfreeze_after={cut} (or another layer), or train.finetune.cached_views=0"
         )
 
 
@@ -433,13 +439,13 @@ def validate_reused_views(t: TrainConfig) -> None:
         )
 
 
-def validate_weights(weights: str | None) -> None:
+def validate_weights(weights: str | None, display: str) -> None:
     if weights in (None, "imagenet"):
         return
     if not Path(weights).is_file():
         raise ConfigError(
             f"model.weights={weights!r}: no such file. Use 'imagenet', null (random init) "
-            "or the path of an InceptionV3 no-top weights file (.h5)"
+            f"or the path of a {display} no-top weights file (.h5)"
         )
 
 

@@ -5,7 +5,7 @@ raw RGB pixels 0-255 at the training size, shape (batch, size, size, 3), in;
 class probabilities out, in the order of `labels.txt` written beside
 `saved_model.pb`. `--tflite` also writes a `.tflite` file (LiteRT) with the
 same input and output, beside the SavedModel folder. Decode and resize images as pipeline.predict does
-(data.load_image): the Inception scaling is inside the model.
+(data.load_image): the backbone's scaling is inside the model.
 """
 
 from __future__ import annotations

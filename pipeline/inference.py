@@ -1,6 +1,6 @@
 """Class probabilities for image files, decoded and resized exactly as training does.
 
-The model carries Inception's scaling inside (a Rescaling layer, model.py), so
+The model carries its backbone's scaling inside (model.py), so
 what it takes is data.load_image's output: upright RGB, 0-255, resized with
 the run's interpolation. Nothing is rescaled here. With test-time augmentation
 (tta.py), an image's probabilities are the mean over its views.

@@ -1,7 +1,9 @@
-"""InceptionV3 with a new head; which layers train in each phase; compiling.
+"""The backbone (model.name) with a new head; which layers train in each phase; compiling.
 
-The model takes raw RGB pixels 0-255 and carries Inception's scaling inside
-(a Rescaling layer), so whoever loads the saved file can feed a resized photo.
+The model takes raw RGB pixels 0-255 and carries the backbone's scaling inside
+(a Rescaling layer before the base, or the base's own preprocessing layers),
+so whoever loads the saved file can feed a resized photo. What differs between
+backbones is read from pipeline/backbones.py.
 """
 
 from __future__ import annotations
@@ -13,71 +15,88 @@ from pathlib import Path
 import keras
 from keras import layers
 
+from pipeline.backbones import BACKBONES, Backbone
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError, WeightsError
 from pipeline.training.epoch_metrics import imbalance_metrics
 
-BASE_NAME = "inception_v3"
-# Keras's own download location and file for the no-top ImageNet weights.
-IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
-# PIPELINE_IMAGENET_URL points at a mirror (a file server inside a firewall, or a
-# dead address in the tests, which must fail the same way on any machine).
-IMAGENET_URL = os.environ.get(
-    "PIPELINE_IMAGENET_URL",
-    "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/" + IMAGENET_FILE,
-)
-IMAGENET_HASH = "bcbd6486424b2319ff4ef7d526e38f63"
 DOWNLOAD_TIMEOUT_S = 20
+# The layers with moving statistics in each family of backbones.Backbone.norm (LayerNorm keeps none).
+STATISTICS_LAYERS: dict[str, tuple[type[layers.BatchNormalization], ...]] = {
+    "batch": (layers.BatchNormalization,),
+    "layer": (),
+}
+
+
+def imagenet_url(backbone: Backbone) -> str:
+    """Keras's download address, or PIPELINE_IMAGENET_URL: a mirror folder holding Keras's file
+    names (a file server inside a firewall), or one file's full address (a dead one in the tests,
+    which must fail the same way on any machine)."""
+    mirror = os.environ.get("PIPELINE_IMAGENET_URL")
+    if not mirror:
+        return backbone.imagenet_url + backbone.imagenet_file
+    return mirror if mirror.endswith(".h5") else mirror.rstrip("/") + "/" + backbone.imagenet_file
 
 
 def build_model(cfg: ModelConfig, n_classes: int, image_size: int) -> keras.Model:
-    """Raw pixels -> Inception scaling -> InceptionV3 base -> pooling, dropout, softmax."""
+    """Raw pixels -> the backbone's scaling -> the base without top -> pooling, dropout, softmax."""
+    backbone = BACKBONES[cfg.name]
     base = create_base(cfg, image_size)
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
-    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="inception_scaling")(inputs)
+    x = inputs
+    if backbone.scaling is not None:  # else the base scales 0-255 itself (include_preprocessing)
+        s = backbone.scaling
+        x = layers.Rescaling(s.scale, offset=s.offset, name=s.layer)(x)
     x = base(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(cfg.dropout, name="dropout")(x)
     # float32 whatever train.precision: a 16-bit softmax loses small probabilities (Keras's advice).
     outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="predictions")(x)
-    return keras.Model(inputs, outputs, name="inception_v3_transfer")
+    return keras.Model(inputs, outputs, name=f"{cfg.name}_transfer")
 
 
 def create_base(cfg: ModelConfig, image_size: int) -> keras.Model:
-    base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+    backbone = BACKBONES[cfg.name]
+    own_scaling = {"include_preprocessing": True} if backbone.scaling is None else {}
+    base = getattr(keras.applications, backbone.constructor)(
+        include_top=False, weights=None, input_shape=(image_size, image_size, 3), **own_scaling
+    )
     if cfg.weights is None:
         # Random BatchNorm statistics must be learnt from scratch; a faster
         # moving average lets them settle within the few hundred steps we train.
         for layer in base.layers:
-            if isinstance(layer, layers.BatchNormalization):
+            if isinstance(layer, STATISTICS_LAYERS[backbone.norm]):
                 layer.momentum = cfg.random_init_bn_momentum
         return base
-    path = fetch_imagenet_weights() if cfg.weights == "imagenet" else Path(cfg.weights)
+    path = fetch_imagenet_weights(backbone) if cfg.weights == "imagenet" else Path(cfg.weights)
     try:
         base.load_weights(str(path))
     except Exception as err:  # h5py/Keras raise many kinds for a foreign file
         raise WeightsError(
-            f"model.weights={cfg.weights!r}: {path} is not InceptionV3 no-top weights ({err}). "
-            f"Use a file like Keras's {IMAGENET_FILE}, or model.weights=null to train from scratch."
+            f"model.weights={cfg.weights!r}: {path} is not {backbone.display} no-top weights ({err}). "
+            f"Use a file like Keras's {backbone.imagenet_file}, or model.weights=null to train from scratch."
         ) from None
     return base
 
 
-def fetch_imagenet_weights() -> Path:
+def fetch_imagenet_weights(backbone: Backbone) -> Path:
     """Keras's cached ImageNet weights, downloaded on first use; fail within seconds offline."""
+    name = backbone.imagenet_file
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return Path(keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models", file_hash=IMAGENET_HASH))
+        return Path(
+            keras.utils.get_file(name, imagenet_url(backbone), cache_subdir="models", file_hash=backbone.imagenet_hash)
+        )
     except Exception as err:
         cache = (
             Path(keras.config.keras_home() if hasattr(keras.config, "keras_home") else Path.home() / ".keras")
             / "models"
-            / IMAGENET_FILE
+            / name
         )
         raise WeightsError(
-            f"model.weights=imagenet: the ImageNet weights could not be downloaded ({err}).\n"
-            f"Either put {IMAGENET_FILE} at {cache} or pass its path: model.weights=/path/to/{IMAGENET_FILE}\n"
+            f"model.weights=imagenet: the {backbone.display} ImageNet weights could not be downloaded ({err}).\n"
+            f"Either put {name} at {cache} or pass its path: model.weights=/path/to/{name}\n"
             "or train from random weights: model.weights=null"
         ) from None
     finally:
@@ -85,25 +104,34 @@ def fetch_imagenet_weights() -> Path:
 
 
 def base_of(model: keras.Model) -> keras.Model:
-    return model.get_layer(BASE_NAME)
+    """The backbone inside the pipeline's model: its one nested model, whatever Keras named it."""
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
 
 
-def resolve_unfreeze_after(value: str, pretrained: bool) -> str | None:
-    """`auto` means the classic top two blocks when pretrained, the whole base otherwise."""
+def scale_pixels(model: keras.Model, pixels):
+    """`pixels` through the model's own layers between its input and the base (its Rescaling, if any)."""
+    x = pixels
+    for layer in model.layers[1 : model.layers.index(base_of(model))]:
+        x = layer(x)
+    return x
+
+
+def resolve_unfreeze_after(value: str, pretrained: bool, name: str) -> str | None:
+    """`auto` means backbone `name`'s top blocks when pretrained (its cut), the whole base otherwise."""
     if value == "auto":
-        return "mixed8" if pretrained else None
+        return BACKBONES[name].cut if pretrained else None
     return None if value == "none" else value
 
 
-def check_unfreeze_after(model: keras.Model, value: str) -> None:
+def check_unfreeze_after(model: keras.Model, value: str, name: str) -> None:
     if value in ("auto", "none"):
         return
+    backbone = BACKBONES[name]
     names = [layer.name for layer in base_of(model).layers]
     if value not in names:
-        blocks = ", ".join(n for n in names if n.startswith("mixed") and "_" not in n)
         raise ConfigError(
-            f"train.finetune.unfreeze_after={value!r} is not an InceptionV3 layer; "
-            f"use none, auto, or a block end such as {blocks}"
+            f"train.finetune.unfreeze_after={value!r} is not a {backbone.display} layer; "
+            f"use none, auto, or a block end such as {backbone.cut} (model.summary() of the base lists its layers)"
         )
 
 
@@ -114,6 +142,8 @@ def set_trainable(model: keras.Model, phase: str, unfreeze_after: str | None, pr
     train. With pretrained weights BatchNorm stays frozen, which in Keras 3
     also runs it in inference mode, so its ImageNet statistics are kept; a
     random base has no statistics worth keeping, so there BatchNorm learns.
+    A LayerNorm family (backbones.Backbone.norm) has no BatchNorm: its norms
+    keep no statistics and train with their block.
     """
     base = base_of(model)
     if phase == "head":

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline.backbones import BACKBONES
 from pipeline.checkpoints.fingerprint import files_digest, save_file_list
 from pipeline.checkpoints.resume import ResumePlan, plan_resume, restore_newest_usable
 from pipeline.checkpoints.store import Checkpoint, checkpoint_stem, list_checkpoints, load_weights, space_for, verify
@@ -105,7 +106,7 @@ class Session:
 
     @property
     def unfreeze_after(self) -> str | None:
-        return resolve_unfreeze_after(self.cfg.train.finetune.unfreeze_after, self.pretrained)
+        return resolve_unfreeze_after(self.cfg.train.finetune.unfreeze_after, self.pretrained, self.cfg.model.name)
 
     def compile_for_phase(self, state: TrainState) -> keras.Model:
         """Set trainable layers and compile for `state.phase`.
@@ -127,6 +128,7 @@ def configure_tensorflow(cfg: Config) -> None:
     # Sweep jobs run one after another in one process: free the previous job's graphs and names.
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.train.seed)
+    grow_gpu_memory()
     set_precision(cfg.train.precision)
     if cfg.train.threads:
         set_threads(tf.config.threading.set_intra_op_parallelism_threads, cfg.train.threads)
@@ -135,6 +137,16 @@ def configure_tensorflow(cfg: Config) -> None:
         # Op determinism alone still let two processes end with different weights; one
         # inter-op thread made them agree bit for bit (docs/checkpoints-and-resume.md: Determinism).
         set_threads(tf.config.threading.set_inter_op_parallelism_threads, 1)
+
+
+def grow_gpu_memory() -> None:
+    """Let TensorFlow take GPU memory as it needs it rather than all of it at start, so that
+    launcher=parallel jobs can share a device (README: GPUs). A no-op on a CPU."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # the runtime has started (a later job of a sweep process): the first job's setting stays
+            pass
 
 
 def set_threads(setter, count: int) -> None:
@@ -178,9 +190,10 @@ def make_fingerprint(cfg: Config, data: DataSet, files: dict | None = None) -> d
     """
     d, t = cfg.data, cfg.train
     files = files if files is not None else file_list(data, Path(d.dir))
-    unfreeze_after = resolve_unfreeze_after(t.finetune.unfreeze_after, cfg.model.weights is not None)
+    unfreeze_after = resolve_unfreeze_after(t.finetune.unfreeze_after, cfg.model.weights is not None, cfg.model.name)
     return {
-        "architecture": "InceptionV3+GAP+dropout+dense",
+        # The backbone (model.name): another one's checkpoints cannot continue this run.
+        "architecture": f"{BACKBONES[cfg.model.name].display}+GAP+dropout+dense",
         "classes": data.class_names,
         "image_size": d.image_size,
         "dropout": cfg.model.dropout,
@@ -303,7 +316,7 @@ def build_checked_model(cfg: Config, data: DataSet, strategy: tf.distribute.Stra
     be had stop the run with every folder as it was.
     """
     model = build_model(cfg.model, len(data.class_names), cfg.data.image_size)
-    check_unfreeze_after(model, cfg.train.finetune.unfreeze_after)
+    check_unfreeze_after(model, cfg.train.finetune.unfreeze_after, cfg.model.name)
     check_cached_cut(model, cfg)
     if strategy:
         prepare_model_for_strategy(model, strategy, validation_batches(data, cfg.data))

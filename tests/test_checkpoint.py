@@ -29,7 +29,7 @@ from pipeline.checkpoints.store import (
     save_checkpoint,
     verify,
 )
-from pipeline.model import BASE_NAME, build_model, compile_model, set_trainable
+from pipeline.model import build_model, compile_model, set_trainable
 from pipeline.state import TrainState
 
 X = np.random.default_rng(0).uniform(0, 255, (8, 75, 75, 3)).astype("float32")
@@ -38,10 +38,10 @@ FINGERPRINT = {"classes": ["a", "b", "c"], "image_size": 75}
 
 
 def small_model() -> keras.Model:
-    """The pipeline model's structure in a few layers; the base is named like InceptionV3 so set_trainable finds it."""
+    """The pipeline model's structure in a few layers; the base is its one nested model, as set_trainable finds it."""
     base_input = keras.Input((75, 75, 3))
     features = layers.Activation("relu")(layers.BatchNormalization()(layers.Conv2D(8, 5, strides=5)(base_input)))
-    base = keras.Model(base_input, features, name=BASE_NAME)
+    base = keras.Model(base_input, features, name="inception_v3")
     inputs = keras.Input((75, 75, 3), name="pixels")
     x = layers.GlobalAveragePooling2D(name="pool")(base(layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)))
     outputs = layers.Dense(3, activation="softmax", name="predictions")(layers.Dropout(0.2, name="dropout")(x))

@@ -303,7 +303,7 @@ def prepare_for(cfg, model):
 
     def prepare(state: TrainState):
         phase = getattr(cfg.train, state.phase)
-        unfreeze = resolve_unfreeze_after(cfg.train.finetune.unfreeze_after, pretrained=False)
+        unfreeze = resolve_unfreeze_after(cfg.train.finetune.unfreeze_after, pretrained=False, name=cfg.model.name)
         set_trainable(model, state.phase, unfreeze, pretrained=False)
         compile_model(model, phase.optimizer, phase.lr, phase.schedule, 10)
         return model

@@ -78,21 +78,23 @@ def test_finetune_after_mixed8_with_pretrained_base_keeps_batchnorm_frozen(fresh
 
 
 def test_finetune_of_random_base_trains_everything_including_batchnorm(fresh_net):
-    set_trainable(fresh_net, "finetune", resolve_unfreeze_after("auto", pretrained=False), pretrained=False)
+    set_trainable(
+        fresh_net, "finetune", resolve_unfreeze_after("auto", pretrained=False, name="inception_v3"), pretrained=False
+    )
     assert len(trainable_names(fresh_net)) == sum(1 for layer in base_of(fresh_net).layers if layer.weights)
 
 
 def test_auto_unfreeze_point():
-    assert resolve_unfreeze_after("auto", True) == "mixed8"
-    assert resolve_unfreeze_after("auto", False) is None
-    assert resolve_unfreeze_after("none", True) is None
-    assert resolve_unfreeze_after("mixed5", True) == "mixed5"
+    assert resolve_unfreeze_after("auto", True, "inception_v3") == "mixed8"
+    assert resolve_unfreeze_after("auto", False, "inception_v3") is None
+    assert resolve_unfreeze_after("none", True, "inception_v3") is None
+    assert resolve_unfreeze_after("mixed5", True, "inception_v3") == "mixed5"
 
 
 def test_unknown_unfreeze_point_names_the_key(net):
     with pytest.raises(ConfigError, match="train.finetune.unfreeze_after.*mixed8"):
-        check_unfreeze_after(net, "mixed42")
-    check_unfreeze_after(net, "mixed7")
+        check_unfreeze_after(net, "mixed42", "inception_v3")
+    check_unfreeze_after(net, "mixed7", "inception_v3")
 
 
 def batchnorm_gap_after(steps: int, cfg: ModelConfig) -> float:
@@ -152,7 +154,7 @@ def test_foreign_weights_file_is_a_clear_error(tmp_path):
 
 def test_imagenet_offline_fails_fast_with_both_remedies(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached copy
-    monkeypatch.setattr(model_module, "IMAGENET_URL", "http://127.0.0.1:9/notop.h5")
+    monkeypatch.setenv("PIPELINE_IMAGENET_URL", "http://127.0.0.1:9/notop.h5")
     # "Fast" without a clock: the download runs under a socket timeout, so a server that
     # accepts and then stays silent cannot hang the run; the process's default comes back after.
     timeouts, real_get_file = [], keras.utils.get_file

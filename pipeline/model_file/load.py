@@ -15,6 +15,7 @@ from pathlib import Path
 
 import h5py
 
+from pipeline.backbones import BACKBONES
 from pipeline.errors import ModelFileError
 
 # What a model file saved before its metadata recorded the data config was trained and checked
@@ -24,6 +25,8 @@ from pipeline.errors import ModelFileError
 # the one in force before data.max_pixels existed.
 LEGACY_INTERPOLATION = "bilinear"
 LEGACY_MAX_PIXELS = 89_478_485
+# model.name did not exist before other backbones did: every model saved before it is InceptionV3.
+LEGACY_BACKBONE = "inception_v3"
 
 # The HDF5 attribute save.py writes the metadata into (defined here, where no TensorFlow is imported).
 METADATA_ATTR = "pipeline_metadata"
@@ -48,6 +51,7 @@ class ModelInfo:
     interpolation: str  # the resize filter training used
     max_pixels: int  # the decompression-bomb limit training used
     metadata: dict
+    backbone: str = LEGACY_BACKBONE  # model.name it was trained with (pipeline/backbones.py)
 
 
 def read_model_info(path) -> ModelInfo:
@@ -62,6 +66,12 @@ def read_model_info(path) -> ModelInfo:
     if not isinstance(names, list) or not names or not isinstance(size, int):
         raise ModelFileError(f"{path}: its metadata has no class names or image size; {FINAL_MODEL_HINT}")
     data_cfg = (metadata.get("config") or {}).get("data") or {}
+    backbone = ((metadata.get("config") or {}).get("model") or {}).get("name", LEGACY_BACKBONE)
+    if backbone not in BACKBONES:
+        raise ModelFileError(
+            f"{path}: its backbone {backbone!r} is not one this version knows ({', '.join(BACKBONES)}); "
+            "use the version of the pipeline that trained it"
+        )
     return ModelInfo(
         path,
         [str(n) for n in names],
@@ -69,6 +79,7 @@ def read_model_info(path) -> ModelInfo:
         data_cfg.get("interpolation", LEGACY_INTERPOLATION),
         data_cfg.get("max_pixels", LEGACY_MAX_PIXELS),
         metadata,
+        backbone,
     )
 
 
@@ -123,8 +134,25 @@ def load_model(info: ModelInfo):
             f"{info.path} not loaded: Keras {keras.__version__} ignores safe_mode for .h5 files (CVE-2025-9905), "
             "so loading could run code stored in the file; install keras>=3.12 (pip install -e .)"
         )
+    if not BACKBONES[info.backbone].h5_config_loads:
+        model = rebuild_and_load_weights(info)
+    else:
+        model = load_whole_model(info)
+    outputs, inputs = model.output_shape[-1], model.input_shape[1:3]
+    if outputs != len(info.class_names) or tuple(inputs) != (info.image_size, info.image_size):
+        raise ModelFileError(
+            f"{info.path}: the model takes {inputs} pixels and gives {outputs} classes, but "
+            f"its metadata says {info.image_size} px and {len(info.class_names)} classes"
+        )
+    return model
+
+
+def load_whole_model(info: ModelInfo):
+    """The architecture and the weights, both from the file (safe mode: no Lambda code runs)."""
+    import keras
+
     try:
-        model = keras.models.load_model(info.path, compile=False, safe_mode=True)
+        return keras.models.load_model(info.path, compile=False, safe_mode=True)
     except Exception as err:  # noqa: BLE001 - h5py and Keras raise many kinds for a file that is not a whole model
         if "Lambda" in str(err) and "safe_mode" in str(err):  # Keras's safe-mode refusal
             raise ModelFileError(
@@ -135,10 +163,34 @@ def load_model(info: ModelInfo):
         raise ModelFileError(
             f"{info.path} cannot be loaded as a Keras model ({first_line}); {FINAL_MODEL_HINT}"
         ) from None
-    outputs, inputs = model.output_shape[-1], model.input_shape[1:3]
-    if outputs != len(info.class_names) or tuple(inputs) != (info.image_size, info.image_size):
+
+
+def rebuild_and_load_weights(info: ModelInfo):
+    """The architecture built by training's own code from the metadata, the weights from the file.
+
+    For the backbones whose .h5 architecture Keras cannot read back (backbones.Backbone.h5_config_loads).
+    Nothing but weights is read from the file, so no code in it can run.
+    """
+    from pipeline.config import ModelConfig
+    from pipeline.model import build_model
+
+    saved = (info.metadata.get("config") or {}).get("model") or {}
+    # The saved model's own values, not conf/'s: the layers must match the file's weights.
+    # Dropout is off in inference, but the layer must exist; no weights are downloaded.
+    cfg = ModelConfig(
+        name=info.backbone,
+        weights=None,
+        dropout=saved.get("dropout", 0.0),
+        random_init_bn_momentum=saved.get("random_init_bn_momentum", 0.9),
+        save_path=str(info.path),
+    )
+    model = build_model(cfg, len(info.class_names), info.image_size)
+    try:
+        model.load_weights(str(info.path))
+    except Exception as err:  # noqa: BLE001 - h5py and Keras raise many kinds for a file of other weights
+        first_line = str(err).strip().split("\n")[0]
         raise ModelFileError(
-            f"{info.path}: the model takes {inputs} pixels and gives {outputs} classes, but "
-            f"its metadata says {info.image_size} px and {len(info.class_names)} classes"
-        )
+            f"{info.path}: its weights do not fit the {BACKBONES[info.backbone].display} model its metadata "
+            f"describes ({first_line}); {FINAL_MODEL_HINT}"
+        ) from None
     return model

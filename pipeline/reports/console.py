@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.backbones import BACKBONES
 from pipeline.config import Config
 from pipeline.state import TrainState
 from pipeline.training.class_balance import describe_weights
@@ -27,7 +28,7 @@ def print_startup(cfg: Config, data, phases, reason: str, restored, unfreeze_aft
     ]
     weights = cfg.model.weights if cfg.model.weights is not None else "none (random init)"
     lines.append(
-        f"model: InceptionV3 at {cfg.data.image_size} px, weights {weights}, "
+        f"model: {BACKBONES[cfg.model.name].display} at {cfg.data.image_size} px, weights {weights}, "
         f"head: pooling, dropout {cfg.model.dropout}, softmax over {n} classes"
     )
     lines.append(

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from pipeline.atomic_file import replaced
+from pipeline.backbones import BACKBONES
 from pipeline.config import METRICS, Config
 from pipeline.data.dataset import DataSet, validation_batches
 from pipeline.inference import predict_batch
@@ -121,12 +122,12 @@ def data_section(cfg: Config, data: DataSet) -> str:
 
 
 def phases_section(cfg: Config, rows: list[dict]) -> str:
-    unfreeze = resolve_unfreeze_after(cfg.train.finetune.unfreeze_after, cfg.model.weights is not None)
+    unfreeze = resolve_unfreeze_after(cfg.train.finetune.unfreeze_after, cfg.model.weights is not None, cfg.model.name)
     weights = cfg.model.weights if cfg.model.weights is not None else "none (random init)"
     lines = [
         "## Phases",
         "",
-        f"InceptionV3, weights {weights}, dropout {cfg.model.dropout}.",
+        f"{BACKBONES[cfg.model.name].display}, weights {weights}, dropout {cfg.model.dropout}.",
         "",
         "| phase | epochs | optimizer | learning rate | schedule | trains | seconds |",
         "| --- | ---: | --- | ---: | --- | --- | ---: |",

@@ -21,7 +21,13 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.data.dataset import DataSet, train_batches, validation_batches
 from pipeline.errors import ConfigError
-from pipeline.model import base_of, compiled_metrics, keep_saved_files_portable, resolve_unfreeze_after
+from pipeline.model import (
+    base_of,
+    compiled_metrics,
+    keep_saved_files_portable,
+    resolve_unfreeze_after,
+    scale_pixels,
+)
 from pipeline.training.feature_cache import (
     Features,
     compute_features,
@@ -202,7 +208,8 @@ def check_cached_cut(model: keras.Model, cfg: Config) -> None:
     finetune = cfg.train.finetune
     # With reuse_head_views the head phase itself computes at the unfreeze point.
     if finetune.cached_views and (finetune.epochs or finetune.reuse_head_views):
-        split_at(model, frozen_cut(resolve_unfreeze_after(finetune.unfreeze_after, cfg.model.weights is not None)))
+        pretrained = cfg.model.weights is not None
+        split_at(model, frozen_cut(resolve_unfreeze_after(finetune.unfreeze_after, pretrained, cfg.model.name)))
 
 
 def frozen_cut(unfreeze_after: str | None) -> str:
@@ -230,7 +237,7 @@ def split_at(model: keras.Model, cut: str) -> tuple[keras.Model, keras.Model]:
     else:
         base = base_of(model)
         below = keras.Model(base.input, base.get_layer(cut).output)
-        lower = keras.Model(pixels, below(model.get_layer("inception_scaling")(pixels)), name="cached_lower")
+        lower = keras.Model(pixels, below(scale_pixels(model, pixels)), name="cached_lower")
         inputs, x = pooled_above(model, cut)
     outputs = model.get_layer("predictions")(model.get_layer("dropout")(x))
     return lower, keras.Model(inputs, outputs, name="cached_upper")
@@ -246,7 +253,7 @@ def pooled_above(model: keras.Model, cut: str):
         raise ConfigError(
             f"train.finetune.unfreeze_after={cut!r}: the layers above it also read "
             f"tensors from below it, so its output alone cannot be cached ({err}); "
-            "use a block end such as mixed7 or mixed8"
+            "use a block end such as mixed7 or mixed8 (InceptionV3; other backbones: pipeline/backbones.py's cut)"
         ) from None
     inputs = keras.Input(base.get_layer(cut).output.shape[1:], name="cached_features")
     return inputs, model.get_layer(HEAD_CUT)(above(inputs))
