@@ -175,3 +175,32 @@ def shifted_by_hand(x: np.ndarray, right: int = 0, down: int = 0) -> np.ndarray:
     padded = np.pad(x, ((abs(down),) * 2, (abs(right),) * 2, (0, 0)), mode="edge")
     top, left = abs(down) - down, abs(right) - right
     return padded[top : top + h, left : left + w]
+
+
+# The test files that take longest (the suite's --durations, 2026-12-01), scheduled first. `make test`
+# hands whole files to its 2 processes (--dist loadfile) in collection order, so a long file collected
+# last ran alone at the end (the kill campaign: 5 of the suite's 40 minutes); longest first keeps both busy.
+LONGEST_FIRST = (
+    "test_resume_e2e.py",
+    "test_e2e.py",
+    "test_cached_phase_e2e.py",
+    "test_commands.py",
+    "test_distribute.py",
+    "test_kill_campaign.py",
+    "test_fingerprint.py",
+    "test_labels_csv_e2e.py",
+    "test_early_stopping_e2e.py",
+    "test_lock.py",
+    "test_tracking_e2e.py",
+    "test_backbones_e2e.py",
+    "test_checkpoint_safety.py",
+    "test_checkpoint_writer.py",
+    "test_faults.py",
+    "test_checkpoint.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Longest files first (LONGEST_FIRST), the rest after them in their usual order; each file's own order kept."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests stay in order

@@ -269,6 +269,7 @@ def test_tensorboard_and_tf_checkpoint_on_a_real_full_disk_say_so(tmp_path):
         model.optimizer.build(model.trainable_variables)
         fill(disk)
         row = {"loss": 1.0, "accuracy": 0.5, "lr": 0.1, "seconds": 1.0, "val_loss": 1.0, "val_accuracy": 0.5}
+        row |= {"val_macro_f1": 0.5, "val_balanced_accuracy": 0.5}
         # TensorFlow's writer may drop a failed flush and raise at a later write; it does raise.
         with pytest.raises(DiskFull, match="No space left on device writing .*tensorboard"):
             with space_for(disk / "tensorboard"):
