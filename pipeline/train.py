@@ -19,7 +19,7 @@ from pipeline.checkpoints.resume import ResumePlan, plan_resume, restore_newest_
 from pipeline.checkpoints.store import Checkpoint, checkpoint_stem, list_checkpoints, load_weights, space_for, verify
 from pipeline.checkpoints.writer import CheckpointWriter, prune_and_announce
 from pipeline.config import METRICS, Config, PhaseConfig
-from pipeline.data.dataset import DataSet, file_list, validation_batches
+from pipeline.data.dataset import AUGMENTATION_KEYS, DataSet, file_list, validation_batches
 from pipeline.data.prepare import prepare_data
 from pipeline.distribute.strategy import (
     distribute_batches,
@@ -55,16 +55,6 @@ from pipeline.training.first_step_timer import FirstStepTimer
 from pipeline.training.precision import set_precision
 
 PHASE_ORDER = ("head", "finetune")
-# ImageDataGenerator's settings (data.<key>): they decide every augmented view a run trains on.
-AUGMENTATION = (
-    "rotation_range",
-    "width_shift_range",
-    "height_shift_range",
-    "shear_range",
-    "zoom_range",
-    "horizontal_flip",
-    "fill_mode",
-)
 
 
 @dataclass
@@ -208,7 +198,7 @@ def make_fingerprint(cfg: Config, data: DataSet, files: dict | None = None) -> d
         "data.validation_split": d.validation_split if data.held_out else None,
         # Only where it chooses the validation images (holdout.py): a split layout's run ignores it.
         **({"data.split_seed": d.split_seed} if data.held_out == "seeded" else {}),
-        **{f"data.{key}": getattr(d, key) for key in AUGMENTATION},
+        **{f"data.{key}": getattr(d, key) for key in AUGMENTATION_KEYS},
         "train.seed": t.seed,
         "train.precision": t.precision,
         # Per phase, compared only for a checkpoint in that phase: its optimizer state must load.

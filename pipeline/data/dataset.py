@@ -152,16 +152,22 @@ def ensure_sample_data(cfg: DataConfig) -> None:
     write_sample_data(root)
 
 
+# ImageDataGenerator's settings (data.<key>): they decide every augmented view a run trains on,
+# so the checkpoint fingerprint and the feature cache's key name them too.
+AUGMENTATION_KEYS = (
+    "rotation_range",
+    "width_shift_range",
+    "height_shift_range",
+    "shear_range",
+    "zoom_range",
+    "horizontal_flip",
+    "fill_mode",
+)
+
+
 def make_augmenter(cfg: DataConfig, validation_split: float = 0.0) -> ImageDataGenerator:
     return ImageDataGenerator(
-        rotation_range=cfg.rotation_range,
-        width_shift_range=cfg.width_shift_range,
-        height_shift_range=cfg.height_shift_range,
-        shear_range=cfg.shear_range,
-        zoom_range=cfg.zoom_range,
-        horizontal_flip=cfg.horizontal_flip,
-        fill_mode=cfg.fill_mode,
-        validation_split=validation_split,
+        **{key: getattr(cfg, key) for key in AUGMENTATION_KEYS}, validation_split=validation_split
     )
 
 

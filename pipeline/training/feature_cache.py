@@ -31,7 +31,7 @@ import tensorflow as tf
 from pipeline.atomic_file import fsync_dir, fsync_file
 from pipeline.checkpoints.store import reach, sha256, space_for
 from pipeline.config import DataConfig
-from pipeline.data.dataset import Batches, DataSet
+from pipeline.data.dataset import AUGMENTATION_KEYS, Batches, DataSet
 
 FORMAT_VERSION = 2  # 2: features computed in batches of FEATURE_BATCH
 # Images per predict() call of the feature pass: larger than the training batch,
@@ -42,15 +42,6 @@ FEATURE_BATCH = 64
 KEY_FILE = "key.json"
 ARRAYS = ("train", "validation")
 INCOMING = ".incoming-"
-AUGMENTATION_KEYS = (
-    "rotation_range",
-    "width_shift_range",
-    "height_shift_range",
-    "shear_range",
-    "zoom_range",
-    "horizontal_flip",
-    "fill_mode",
-)
 
 
 @dataclass
