@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,30 @@ def shifted_by_hand(x: np.ndarray, right: int = 0, down: int = 0) -> np.ndarray:
     padded = np.pad(x, ((abs(down),) * 2, (abs(right),) * 2, (0, 0)), mode="edge")
     top, left = abs(down) - down, abs(right) - right
     return padded[top : top + h, left : left + w]
+
+
+def sigterm_when(args: list[str], line_start: str, env: dict | None = None, timeout: float = 300) -> tuple[int, str]:
+    """Run the CLI and send it SIGTERM once a line starting with `line_start` is printed; its exit code and output."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=REPO,
+        env=env or cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = []
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith(line_start):
+                proc.send_signal(signal.SIGTERM)
+                break
+        output.extend(proc.stdout)
+        proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(output)
 
 
 # The test files that take longest (the suite's --durations, 2026-12-01), scheduled first. `make test`

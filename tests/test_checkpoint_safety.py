@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO, cli_env, run_args, run_cli
+from conftest import REPO, cli_env, run_args, run_cli, sigterm_when
 from test_checkpoint import FINGERPRINT, fresh_model, save
 
 from pipeline.checkpoints import store
@@ -57,30 +57,6 @@ def test_sigterm_at_the_last_batch_leaves_the_checkpoint_to_the_epoch_end():
     saved = []
     saver_after_sigterm(1, saved).on_train_batch_end(1)  # batch 3 of 3: no save, no stop here
     assert saved == []
-
-
-def sigterm_when(args: list[str], line_start: str, env: dict | None = None) -> tuple[int, str]:
-    """Run the CLI and send it SIGTERM once a line starting with `line_start` is printed."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=REPO,
-        env=env or cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output = []
-    try:
-        for line in proc.stdout:
-            output.append(line)
-            if line.startswith(line_start):
-                proc.send_signal(signal.SIGTERM)
-                break
-        output.extend(proc.stdout)
-        proc.wait(timeout=300)
-    finally:
-        proc.kill()
-    return proc.returncode, "".join(output)
 
 
 @pytest.mark.e2e

@@ -14,13 +14,11 @@ import math
 import re
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import pytest
-from conftest import REPO, cli_env, final_weights, largest_difference, run_args, run_cli
+from conftest import REPO, cli_env, final_weights, largest_difference, run_args, run_cli, sigterm_when
 
 from pipeline.checkpoints.store import list_checkpoints, verify
 from pipeline.reports.history import HISTORY, read_history
@@ -128,27 +126,8 @@ def test_kill_mid_epoch_resumes_at_the_right_batch_with_class_weights_and_label_
 
 
 def test_sigterm_saves_at_the_next_batch_and_resumes_exactly(reference, tmp_path, tiny_data):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args_for(tmp_path, tiny_data)],
-        cwd=REPO,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output = []
-    try:
-        for line in proc.stdout:
-            output.append(line)
-            if line.startswith("head epoch 1/2"):
-                proc.send_signal(signal.SIGTERM)
-                break
-        output.extend(proc.stdout)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    text = "".join(output)
-    assert proc.returncode == 128 + signal.SIGTERM, text
+    code, text = sigterm_when(args_for(tmp_path, tiny_data), "head epoch 1/2", timeout=60)
+    assert code == 128 + signal.SIGTERM, text
     # Stopped at a batch boundary of the epoch it was in, with a checkpoint there, not at the end of training.
     stopped = r"stopped on SIGTERM after checkpoint transfer_01-\S+ \([123] batches into the epoch\)"
     assert re.search(stopped, text), text
