@@ -201,6 +201,25 @@ def compile_model(
     keep_saved_files_portable(model)
 
 
+def build_for_fit(model: keras.Model) -> None:
+    """Create the compiled model's optimizer and metric variables now, before fit traces a step.
+
+    Without a distribution strategy Keras defers this to the first trace of the
+    train step, and variables created while tracing make TensorFlow trace the
+    whole step a second time: for InceptionV3's full gradient graph about 20 s
+    of every run's start (docs/speed.md). The variables and their order are
+    those the trace would create. `_symbolic_build` is what Keras itself calls
+    under a strategy (distribute/strategy.py uses it too); a Keras without it
+    builds them in fit, only slower.
+    """
+    build = getattr(model, "_symbolic_build", None)
+    if build is None:
+        return
+    x = keras.KerasTensor(model.inputs[0].shape, dtype=model.inputs[0].dtype)
+    y = keras.KerasTensor(model.outputs[0].shape, dtype="float32")
+    build(data_batch=(x, y, None))
+
+
 def compiled_metrics(n_classes: int) -> dict:
     """compile()'s metrics: accuracy, and the imbalance scores as weighted metrics, so a distributed
     run's padding images (weight 0) go uncounted. Validation carries no class weights; in training a
