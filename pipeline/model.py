@@ -117,21 +117,24 @@ def scale_pixels(model: keras.Model, pixels):
 
 
 def resolve_unfreeze_after(value: str, pretrained: bool, name: str) -> str | None:
-    """`auto` means backbone `name`'s top blocks when pretrained (its cut), the whole base otherwise."""
+    """`auto` means backbone `name`'s top blocks (its cut) when pretrained, the whole base otherwise;
+    `top` means its top blocks either way."""
     if value == "auto":
         return BACKBONES[name].cut if pretrained else None
+    if value == "top":
+        return BACKBONES[name].cut
     return None if value == "none" else value
 
 
 def check_unfreeze_after(model: keras.Model, value: str, name: str) -> None:
-    if value in ("auto", "none"):
+    if value in ("auto", "none", "top"):
         return
     backbone = BACKBONES[name]
     names = [layer.name for layer in base_of(model).layers]
     if value not in names:
         raise ConfigError(
             f"train.finetune.unfreeze_after={value!r} is not a {backbone.display} layer; "
-            f"use none, auto, or a block end such as {backbone.cut} (model.summary() of the base lists its layers)"
+            f"use none, auto, top, or a block end such as {backbone.cut} (model.summary() of the base lists its layers)"
         )
 
 

@@ -23,13 +23,16 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.e2e
+# The run the other tests read, and the kill test beside it, fine-tune the whole base with learning
+# BatchNorm: the default with weights=null, which the smoke experiment narrows to the top blocks for speed.
+WHOLE_BASE = "train.finetune.unfreeze_after=none"
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_data):
     """One uninterrupted smoke run, shared by the tests that only read what it left."""
     tmp = tmp_path_factory.mktemp("finished")
-    result = run_cli(*run_args(tmp, tiny_data), cwd=REPO)
+    result = run_cli(*run_args(tmp, tiny_data, WHOLE_BASE), cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     return tmp, result
 
@@ -40,7 +43,7 @@ def test_fresh_run_reports_plan_and_outcome(finished):
     for name in ("circle", "square", "triangle"):
         assert re.search(rf"{name}\s+train\s+4\s+validation\s+2", out), out
     assert "resume: starting fresh" in out
-    assert "phase head: 1 epochs" in out and "phase finetune: 1 epochs" in out
+    assert "phase head: 1 epochs" in out and "phase finetune: 1 epochs, adam lr 0.001, whole base trained" in out
     assert "done in" in out and "saved:" in out
     assert "Traceback" not in result.stderr
     manifests = sorted(p.name for p in (tmp / "ckpt").glob("*.manifest.json"))
@@ -66,7 +69,7 @@ def test_rerun_of_a_finished_run_does_nothing(finished, tmp_path, tiny_data):
     model = tmp / "model" / "final.h5"
     before = (model.stat().st_mtime_ns, model.read_bytes())
     checkpoints = sorted(p.name for p in (tmp / "ckpt").iterdir())
-    result = run_cli(*run_args(tmp, tiny_data), cwd=REPO)
+    result = run_cli(*run_args(tmp, tiny_data, WHOLE_BASE), cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "already complete" in result.stdout
     assert "epoch 1/1" not in result.stdout and "checkpoint:" not in result.stdout  # nothing trained or saved
@@ -75,7 +78,7 @@ def test_rerun_of_a_finished_run_does_nothing(finished, tmp_path, tiny_data):
 
 
 def test_kill_9_after_a_checkpoint_then_same_command_resumes_exactly(finished, tmp_path, tiny_data):
-    args = run_args(tmp_path, tiny_data)
+    args = run_args(tmp_path, tiny_data, WHOLE_BASE)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args],
         cwd=REPO,
@@ -107,7 +110,7 @@ def test_kill_9_after_a_checkpoint_then_same_command_resumes_exactly(finished, t
 def test_changed_configuration_is_refused_and_nothing_touched(finished, tmp_path, tiny_data):
     tmp = copy_of_finished(finished, tmp_path)
     before = sorted(p.name for p in (tmp / "ckpt").iterdir())
-    result = run_cli(*run_args(tmp, tiny_data, "data.image_size=80"), cwd=REPO)
+    result = run_cli(*run_args(tmp, tiny_data, WHOLE_BASE, "data.image_size=80"), cwd=REPO)
     assert result.returncode == 2
     assert "data.image_size 75 -> 80" in result.stderr
     assert "+resume=false" in result.stderr and "Traceback" not in result.stderr

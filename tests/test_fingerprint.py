@@ -105,7 +105,7 @@ SETTING_CHANGES = {
     "train.head.schedule": ("train.head.schedule", "constant", "head"),
     "train.finetune.optimizer": ("train.finetune.optimizer", "rmsprop", "finetune"),
     "train.finetune.schedule": ("train.finetune.schedule", "constant", "finetune"),
-    "train.finetune.unfreeze_after": ("train.finetune.unfreeze_after", "mixed8", "finetune"),
+    "train.finetune.unfreeze_after": ("train.finetune.unfreeze_after", "mixed7", "finetune"),
     "train.class_weight": ("train.class_weight", "balanced", "head"),
     "train.label_smoothing": ("train.label_smoothing", 0.1, "head"),
 }

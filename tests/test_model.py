@@ -91,12 +91,15 @@ def test_auto_unfreeze_point():
     assert resolve_unfreeze_after("auto", False, "inception_v3") is None
     assert resolve_unfreeze_after("none", True, "inception_v3") is None
     assert resolve_unfreeze_after("mixed5", True, "inception_v3") == "mixed5"
+    assert resolve_unfreeze_after("top", False, "inception_v3") == "mixed8"
+    assert resolve_unfreeze_after("top", True, "efficientnetv2_b0") == "block6f_add"
 
 
 def test_unknown_unfreeze_point_names_the_key(net):
     with pytest.raises(ConfigError, match="train.finetune.unfreeze_after.*mixed8"):
         check_unfreeze_after(net, "mixed42", "inception_v3")
     check_unfreeze_after(net, "mixed7", "inception_v3")
+    check_unfreeze_after(net, "top", "inception_v3")
 
 
 def batchnorm_gap_after(steps: int, cfg: ModelConfig) -> float:
