@@ -205,22 +205,23 @@ def compile_model(
 
 
 def build_for_fit(model: keras.Model) -> None:
-    """Create the compiled model's optimizer and metric variables now, before fit traces a step.
+    """Create the compiled model's optimizer, loss and metric variables now, before fit traces a step.
 
     Without a distribution strategy Keras defers this to the first trace of the
     train step, and variables created while tracing make TensorFlow trace the
     whole step a second time: for InceptionV3's full gradient graph about 20 s
     of every run's start (docs/speed.md). The variables and their order are
-    those the trace would create. `_symbolic_build` is what Keras itself calls
-    under a strategy (distribute/strategy.py uses it too); a Keras without it
-    builds them in fit, only slower.
+    those the trace would create. Built from the output's shape alone: Keras's
+    own `_symbolic_build` would also run the whole model symbolically first.
+    These are Keras's private attributes (3.x); where they are missing, fit
+    builds everything itself, only slower.
     """
-    build = getattr(model, "_symbolic_build", None)
-    if build is None:
-        return
-    x = keras.KerasTensor(model.inputs[0].shape, dtype=model.inputs[0].dtype)
     y = keras.KerasTensor(model.outputs[0].shape, dtype="float32")
-    build(data_batch=(x, y, None))
+    for part in (getattr(model, "_compile_loss", None), getattr(model, "_compile_metrics", None)):
+        if part is not None and not part.built:
+            part.build(y, y)
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
 
 
 def compiled_metrics(n_classes: int) -> dict:

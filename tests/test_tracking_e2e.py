@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, run_args, run_cli
+from conftest import REPO, cli_env, run_args, run_cli, sweep_args
 
 from pipeline.reports.history import HISTORY, read_history
 from pipeline.reports.tracking import METRICS, RUN_FILE
@@ -159,3 +159,28 @@ def test_a_server_that_does_not_answer_stops_the_run_before_anything_is_written(
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith(f"error: logger.tracking_uri={uri}"), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no ckpt/, outputs/, model/ or cache/
+
+
+def test_an_optuna_sweep_is_one_experiment_with_one_run_per_trial(tmp_path, tiny_data):
+    """`-m hparams_search=optuna logger=mlflow`: the sweep's jobs land in one experiment named for the
+    sweep folder, one MLflow run per trial, tagged with the study and the trial, each with its own epoch."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    args = sweep_args(tmp_path, tiny_data, "train.head.epochs=1", "train.finetune.epochs=0", "logger=mlflow")
+    result = run_cli(
+        "-m", "hparams_search=optuna", *args, f"logger.tracking_uri={uri}", "hydra.sweeper.n_trials=2", cwd=REPO
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(f"pipeline/{str(tmp_path / 'multirun').strip('/')}")
+    assert experiment is not None, [e.name for e in client.search_experiments()]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["optuna.trial"] for r in runs) == ["0", "1"]
+    assert all(r.data.tags["optuna.study"] == "inception_transfer" for r in runs)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # Each job's checkpoint folder names its own run, which holds its one epoch once.
+    recorded = {json.loads(p.read_text())["run_id"] for p in (tmp_path / "ckpt").glob(f"*/{RUN_FILE}")}
+    assert recorded == {r.info.run_id for r in runs}
+    for r in runs:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")] == [1]
+    # The trials tried different settings: each run's parameters are its own job's.
+    assert len({r.data.params["model.dropout"] for r in runs}) == 2
