@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
+import subprocess
+import sys
 
-from conftest import REPO
+from conftest import REPO, cli_env
 
 MODULES = sorted(p for p in (REPO / "pipeline").rglob("*.py") if "__pycache__" not in p.parts)
 
@@ -35,3 +38,20 @@ def test_nothing_outside_bench_imports_bench():
             if any(name == "pipeline.bench" or name.startswith("pipeline.bench.") for name in names):
                 importers.append(str(path.relative_to(REPO)))
     assert importers == []
+
+
+def test_a_command_starts_without_importing_scikit_learn():
+    """Keras imports scikit-learn (and with it scipy.stats) whenever it is installed, 1.8 s of each
+    command's start; the commands keep it out (quiet.keep_scikit_learn_out)."""
+    loaded = "import sys; print(sorted(m for m in ('sklearn', 'scipy.stats') if sys.modules.get(m) is not None))"
+    command = (
+        f"from pipeline.quiet import import_tensorflow_quietly; import_tensorflow_quietly(); import keras; {loaded}"
+    )
+    result = subprocess.run([sys.executable, "-c", command], cwd=REPO, env=cli_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "[]"
+    if importlib.util.find_spec("sklearn") is not None:  # installed (the mlflow extra): the control
+        plain = subprocess.run(
+            [sys.executable, "-c", f"import keras; {loaded}"], cwd=REPO, env=cli_env(), capture_output=True, text=True
+        )
+        assert plain.stdout.split("\n")[-2] == "['scipy.stats', 'sklearn']", plain.stdout + plain.stderr
