@@ -209,21 +209,6 @@ def test_a_long_named_sweep_job_resumes_when_its_epochs_are_raised(tmp_path, tin
     assert [(r["job"], r["status"], r["epochs"]) for r in rows] == [(job.name, "trained", "2")]
 
 
-def test_optuna_search_runs_trials_and_names_the_best(tmp_path, tiny_data):
-    args = sweep_args(tmp_path, tiny_data, "train.finetune.epochs=0")
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    result = run_cli(
-        "-m", "hparams_search=optuna", *args, "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", cwd=REPO
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    output = result.stdout + result.stderr
-    assert "Best parameters" in output and "Best value" in output
-    with open(tmp_path / "multirun" / "summary.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 2 and all("model.dropout=" in r["overrides"] for r in rows)
-    assert (tmp_path / "optuna.db").exists()
-
-
 def test_parallel_launcher_runs_jobs_side_by_side_in_their_own_folders(tmp_path, tiny_data):
     args = sweep_args(tmp_path, tiny_data, "train.finetune.epochs=0")
     result = run_cli("-m", "launcher=parallel", *args, "model.dropout=0.1,0.3", cwd=REPO)

@@ -5,9 +5,10 @@ The named hooks (PIPELINE_KILL_AT) kill at the points we thought of; these kills
 clock says. Each one waits for a landmark of the run (a line it prints, a file it starts writing),
 then a seeded random delay, then sends SIGKILL from outside. Landmarks only spread the kills over
 the stages whatever the machine's speed: the head phase, start-up and restore, checkpoint writes,
-the fine-tune phase of the whole network (BatchNorm statistics and every optimizer slot train
-there) and the final save. After each kill the test records what was in progress, from the files
-a write leaves while it runs and the last phase line; `pytest -s` prints it, a failure shows it.
+the fine-tune phase (the smoke experiment's top blocks, whose BatchNorm statistics and optimizer
+slots train there; test_e2e.py kills a whole-base fine-tune) and the final save. After each kill
+the test records what was in progress, from the files a write leaves while it runs and the last
+phase line; `pytest -s` prints it, a failure shows it.
 
 The smoke configuration with checkpoints after every batch (3 per epoch, one epoch per phase),
 and the default checkpoint settings, asynchronous h5, since they are what users run.

@@ -10,6 +10,7 @@ Head phase only (2 epochs of 3 batches) to keep the runs short, as in test_resum
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -161,15 +162,30 @@ def test_a_server_that_does_not_answer_stops_the_run_before_anything_is_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no ckpt/, outputs/, model/ or cache/
 
 
-def test_an_optuna_sweep_is_one_experiment_with_one_run_per_trial(tmp_path, tiny_data):
-    """`-m hparams_search=optuna logger=mlflow`: the sweep's jobs land in one experiment named for the
-    sweep folder, one MLflow run per trial, tagged with the study and the trial, each with its own epoch."""
+def test_an_optuna_search_names_the_best_and_is_one_experiment_with_one_run_per_trial(tmp_path, tiny_data):
+    """`-m hparams_search=optuna logger=mlflow`: Optuna runs its trials and names the best; the sweep's
+    jobs land in one MLflow experiment named for the sweep folder, one run per trial, tagged with the
+    study and the trial, each with its own epoch once."""
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = sweep_args(tmp_path, tiny_data, "train.head.epochs=1", "train.finetune.epochs=0", "logger=mlflow")
     result = run_cli(
-        "-m", "hparams_search=optuna", *args, f"logger.tracking_uri={uri}", "hydra.sweeper.n_trials=2", cwd=REPO
+        "-m",
+        "hparams_search=optuna",
+        *args,
+        f"logger.tracking_uri={uri}",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={storage}",
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Best parameters" in output and "Best value" in output
+    with open(tmp_path / "multirun" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all("model.dropout=" in r["overrides"] for r in rows)
+    assert (tmp_path / "optuna.db").exists()
+
     client = mlflow.tracking.MlflowClient(uri)
     experiment = client.get_experiment_by_name(f"pipeline/{str(tmp_path / 'multirun').strip('/')}")
     assert experiment is not None, [e.name for e in client.search_experiments()]
