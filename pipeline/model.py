@@ -202,6 +202,7 @@ def compile_model(
         jit_compile=False,
     )
     keep_saved_files_portable(model)
+    build_for_fit(model)
 
 
 def build_for_fit(model: keras.Model) -> None:
@@ -214,8 +215,11 @@ def build_for_fit(model: keras.Model) -> None:
     those the trace would create. Built from the output's shape alone: Keras's
     own `_symbolic_build` would also run the whole model symbolically first.
     These are Keras's private attributes (3.x); where they are missing, fit
-    builds everything itself, only slower.
+    builds everything itself, only slower. Under a distribution strategy Keras builds these
+    itself before the first trace (distribute/strategy.py), inside the strategy's scope.
     """
+    if getattr(model, "_distribute_strategy", None) is not None:
+        return
     y = keras.KerasTensor(model.outputs[0].shape, dtype="float32")
     for part in (getattr(model, "_compile_loss", None), getattr(model, "_compile_metrics", None)):
         if part is not None and not part.built:
