@@ -110,6 +110,20 @@ def final_weights(run_dir: Path) -> list[np.ndarray]:
     return [w.numpy() for w in keras.models.load_model(run_dir / "model" / "final.h5", compile=False).weights]
 
 
+def assert_exports_answer(saved_model: Path, tflite: Path, x: np.ndarray, expected: np.ndarray) -> None:
+    """pipeline.export's SavedModel (its `serve` signature) and TFLite file answer `x` as the Keras model did."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(saved_model))  # kept: serve() needs the loaded object's variables alive
+    np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), expected, atol=1e-4)
+    interpreter = tf.lite.Interpreter(model_path=str(tflite))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    lite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(lite, expected, atol=1e-3)
+
+
 def largest_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     """The largest absolute difference between two lists of weights of the same shapes."""
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
