@@ -30,14 +30,7 @@ from pipeline.distribute.strategy import (
 )
 from pipeline.distribute.tf_config import WorkerRole, read_worker_role
 from pipeline.errors import CheckpointError, DiskFull, Preempted
-from pipeline.model import (
-    build_for_fit,
-    build_model,
-    check_unfreeze_after,
-    compile_model,
-    resolve_unfreeze_after,
-    set_trainable,
-)
+from pipeline.model import build_model, check_unfreeze_after, compile_model, resolve_unfreeze_after, set_trainable
 from pipeline.model_file.load import read_metadata_or_none
 from pipeline.model_file.save import save_final
 from pipeline.reports import console as summary
@@ -427,8 +420,6 @@ def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
     if session.strategy:  # cached phases are refused with distribute (config.py)
         train_data = distribute_batches(batches, session.strategy)
         validation = distribute_batches(feed.validation, session.strategy)
-    else:  # a strategy builds its own (strategy.prepare_model_for_strategy)
-        build_for_fit(feed.model)
     # shuffle=False: Batches already shuffles by (seed, epoch). fit() would reorder
     # batches with Python's global `random`, whose state a resumed process does not share.
     history = feed.model.fit(

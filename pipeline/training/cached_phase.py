@@ -23,6 +23,7 @@ from pipeline.data.dataset import DataSet, train_batches, validation_batches
 from pipeline.errors import ConfigError
 from pipeline.model import (
     base_of,
+    build_for_fit,
     compiled_metrics,
     keep_saved_files_portable,
     resolve_unfreeze_after,
@@ -276,3 +277,4 @@ def share_compilation(upper: keras.Model, full: keras.Model) -> None:
         )
     upper.compile(optimizer=optimizer, loss=full.loss, **compiled_metrics(full.output_shape[-1]), jit_compile=False)
     keep_saved_files_portable(upper)
+    build_for_fit(upper)  # its loss and metrics, as compile_model does for the full model
