@@ -32,6 +32,7 @@ from pipeline.errors import (  # noqa: E402
     is_preemption,
     is_user_error,
 )
+from pipeline.process_exit import run_then_end  # noqa: E402
 from pipeline.quiet import import_tensorflow_quietly  # noqa: E402
 from pipeline.reports.tracking import check_tracking  # noqa: E402
 from pipeline.run_names import adopt_folder_named_with_epochs  # noqa: E402
@@ -182,4 +183,4 @@ def group_sweep_tracking(logger, hydra_cfg) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_end(main)  # process_exit.py: no 3 s of teardown after the work is done

@@ -18,6 +18,7 @@ from pipeline.atomic_file import replaced
 from pipeline.cli import run_command, start_tensorflow
 from pipeline.errors import CommandError
 from pipeline.model_file.load import ModelInfo, load_model, read_model_info
+from pipeline.process_exit import run_then_end
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,4 +73,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_end(main)  # process_exit.py: no 3 s of teardown after the work is done

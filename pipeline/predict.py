@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline.cli import run_command, start_tensorflow
 from pipeline.errors import CommandError
 from pipeline.model_file.load import load_model, read_model_info
+from pipeline.process_exit import run_then_end
 from pipeline.tta import TTA_HELP, parse_tta, tta_views
 
 
@@ -95,4 +96,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_end(main)  # process_exit.py: no 3 s of teardown after the work is done

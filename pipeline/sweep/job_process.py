@@ -25,6 +25,7 @@ from typing import Any
 from pipeline.atomic_file import replaced
 from pipeline.distribute.local_workers import die_with_parent
 from pipeline.errors import JobPreempted, JobUserError
+from pipeline.process_exit import run_then_end
 
 
 def run_in_child(config, resume: bool | str | None, run_dir: Path) -> dict:
@@ -91,4 +92,4 @@ def train_in_child(request: Path, answer: Path) -> None:
 
 
 if __name__ == "__main__":
-    train_in_child(Path(sys.argv[1]), Path(sys.argv[2]))
+    run_then_end(lambda: train_in_child(Path(sys.argv[1]), Path(sys.argv[2])))  # process_exit.py
