@@ -51,6 +51,7 @@ from pipeline.training.early_stopping import (
     start_phase,
     stays_stopped,
 )
+from pipeline.training.epoch_metrics import last_confusion
 from pipeline.training.first_step_timer import FirstStepTimer
 from pipeline.training.precision import set_precision
 
@@ -83,6 +84,8 @@ class Session:
     feed: Feed | None = None  # what the current phase's fit() runs on (cached_phase.py)
     callbacks: list = field(default_factory=list)  # per-epoch records (history.py), passed to every fit
     class_weights: np.ndarray | None = None  # per class, for the loss (class_balance.py); None: unweighted
+    # The last epoch's validation confusion matrix, which the report uses when the final model is that epoch's.
+    validated: np.ndarray | None = None
 
     @property
     def checkpoints(self) -> CheckpointWriter:
@@ -281,7 +284,7 @@ def train_and_save(
         train_phases(session, phases, compiled_for=session.state.phase if restored else None)
         weights_from = load_final_weights(session)
         save_final(model, Path(outputs.model.save_path), final_metadata(session, weights_from))
-        write_report(session, report_dir)
+        write_report(session, report_dir, weights_from)
     except BaseException as err:
         tracker.end_quietly("KILLED" if isinstance(err, Preempted) else "FAILED")
         raise
@@ -431,6 +434,8 @@ def fit_epoch(session: Session, phase: Phase, feed: Feed) -> None:
         verbose=1 if sys.stdout.isatty() else 2,
     )
     session.last_logs = {k: float(v[-1]) for k, v in history.history.items()}
+    # Not under a strategy: reading a multi-worker metric is a collective step every worker would have to join.
+    session.validated = None if session.strategy else last_confusion(feed.model)
     state.epoch, state.phase_epoch, state.batch = state.epoch + 1, state.phase_epoch + 1, 0
     value = session.last_logs.get(phase.stopping.monitor)
     stops = count_epoch(state, value, phase.stopping, phase.cfg.epochs)
@@ -524,8 +529,12 @@ def final_metadata(session: Session, weights_from: Checkpoint | None = None) -> 
     }
 
 
-def write_report(session: Session, report_dir: Path) -> None:
-    """report.md and its figures, scored the way the last phase validated (cached features or images)."""
+def write_report(session: Session, report_dir: Path, weights_from: Checkpoint | None) -> None:
+    """report.md and its figures, scored the way the last phase validated (cached features or images).
+
+    The final model's confusion matrix is the one its last validation counted when the final
+    weights are the last epoch's (model.final=last), and predicted again otherwise.
+    """
     feed = session.feed
     write_run_report(
         report_dir,
@@ -535,6 +544,7 @@ def write_report(session: Session, report_dir: Path) -> None:
         session.state,
         session.last_logs,
         (feed.model, feed.validation) if feed else None,
+        session.validated if weights_from is None else None,
     )
 
 

@@ -24,7 +24,7 @@ from pipeline.train import weigh_classes
 from pipeline.training.cached_phase import CachedBatches
 from pipeline.training.class_balance import class_weights, imbalance_warning
 from pipeline.training.early_stopping import resolve_mode
-from pipeline.training.epoch_metrics import BalancedAccuracy, MacroF1
+from pipeline.training.epoch_metrics import BalancedAccuracy, MacroF1, last_confusion
 
 NAMES = ["cat", "dog", "fox"]
 
@@ -255,3 +255,19 @@ def test_saved_models_name_only_keras_s_own_classes_so_any_process_loads_them(tm
     with zipfile.ZipFile(tmp_path / "m.keras") as saved:
         config = saved.read("config.json").decode()
     assert '"label_smoothing": 0.1' in config and "pipeline" not in config
+
+
+def test_after_fit_the_last_validation_pass_s_confusion_matrix_is_what_the_model_predicts():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(12, 4)).astype(np.float32), one_hot(np.array([0, 1, 2] * 4))
+    xv, labels = rng.normal(size=(9, 4)).astype(np.float32), np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    model = tiny_model()
+    compile_model(model, "sgd", 0.5)
+    model.run_eagerly = True
+    assert not last_confusion(model).any()  # nothing evaluated yet
+    model.fit(x, y, validation_data=(xv, one_hot(labels)), batch_size=4, epochs=2, shuffle=False, verbose=0)
+    predicted = np.argmax(model.predict(xv, verbose=0), axis=1)
+    expected = confusion_matrix(labels, predicted, 3)
+    assert np.array_equal(last_confusion(model), expected)
+    assert len(set(predicted.tolist())) > 1  # a matrix with more than one column to get right
+    assert last_confusion(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])) is None

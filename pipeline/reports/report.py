@@ -42,20 +42,24 @@ def write_run_report(
     state: TrainState,
     last_logs: dict,
     validation: tuple[keras.Model, Sequence] | None = None,
+    matrix: np.ndarray | None = None,
 ) -> Path:
     """Draw the figures and write report.md; print where it is.
 
     `validation` is the (model, batches) pair the last phase validated with: for a
     cached phase, the layers above the cut on the cached validation features, the
     same function of the images without running the frozen layers again. By
-    default the full model predicts the validation images.
+    default the full model predicts the validation images. `matrix`, when given,
+    is that prediction's confusion matrix already counted (by the last
+    validation pass of a model whose weights are the final ones): no second pass.
     """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     rows = read_history(report_dir / HISTORY)
     draw_curves(rows, report_dir / CURVES)
-    scorer, batches = validation or (model, validation_batches(data, cfg.data))
-    matrix = validation_confusion(scorer, batches, len(data.class_names), data.validation.labels)
+    if matrix is None:
+        scorer, batches = validation or (model, validation_batches(data, cfg.data))
+        matrix = validation_confusion(scorer, batches, len(data.class_names), data.validation.labels)
     draw_confusion(matrix, data.class_names, report_dir / CONFUSION, "validation set, final model")
     path = report_dir / REPORT
     with replaced(path) as tmp:

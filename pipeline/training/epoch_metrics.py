@@ -17,6 +17,7 @@ never predicted has precision 0), so the report's figures and the logs agree.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 # history.csv, TensorBoard, the report and checkpoint.monitor know them by these names (val_ prefixed).
@@ -80,6 +81,19 @@ class MacroF1(ConfusionScore):
         # 2PR/(P+R) written with counts: the same value, and 0 where a class has neither.
         f1 = ops.divide_no_nan(2 * hits, support + predicted)
         return ops.divide_no_nan(ops.sum(f1 * present), ops.sum(present))
+
+
+def last_confusion(model: keras.Model) -> np.ndarray | None:
+    """The confusion matrix (counts, rows true) of the model's last evaluation, or None if it counts none.
+
+    After fit, that is its last validation pass: Keras resets the compiled
+    metrics when an evaluation starts and leaves them as they are at its end.
+    """
+    for metric in model.metrics:
+        for part in getattr(metric, "metrics", [metric]):  # Keras's CompileMetrics holds the compiled ones
+            if isinstance(part, ConfusionScore):
+                return np.rint(part.matrix.numpy()).astype(np.int64)
+    return None
 
 
 def imbalance_metrics(n_classes: int) -> list[keras.metrics.Metric]:
