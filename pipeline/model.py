@@ -193,16 +193,44 @@ def compile_model(
     `label_smoothing` is train.label_smoothing; accuracy and the imbalance scores
     (epoch_metrics.py) compare the argmax with the true label, so smoothing does not change them.
     """
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    validation = traced_validation(model, loss)
     # optimizer= by keyword: positionally, a reloaded .keras file gets a different optimizer.
     # jit_compile=False: XLA was slower than plain TensorFlow on this CPU.
     model.compile(
         optimizer=make_optimizer(optimizer_name, lr, schedule, decay_steps),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        loss=loss,
         **compiled_metrics(model.output_shape[-1]),
         jit_compile=False,
     )
     keep_saved_files_portable(model)
+    for name, part in validation.items():
+        setattr(model, name, part)
     build_for_fit(model)
+
+
+# What a traced validation step uses: Keras's private attributes (3.x) for its
+# function and for the loss and metric objects whose variables it updates.
+VALIDATION_PARTS = ("test_function", "_compile_loss", "_compile_metrics", "_loss_tracker")
+
+
+def traced_validation(model: keras.Model, loss: keras.losses.Loss) -> dict:
+    """The model's traced validation step with its loss and metrics, when a new compile can keep them; else {}.
+
+    compile() drops the traced validation step, and the next phase's first
+    epoch traced the whole forward pass again: seconds of every two-phase run
+    (docs/speed.md). That step runs the model with training=False, which does
+    not depend on which layers train, so a new phase (another optimizer, other
+    trainable layers) can keep it, with the loss and metric objects it
+    updates, as long as the loss is the same. Not under a distribution
+    strategy, which compiles in its own scope.
+    """
+    if getattr(model, "test_function", None) is None or getattr(model, "_distribute_strategy", None) is not None:
+        return {}
+    if not isinstance(model.loss, keras.losses.Loss) or model.loss.get_config() != loss.get_config():
+        return {}
+    parts = {name: getattr(model, name, None) for name in VALIDATION_PARTS}
+    return parts if all(part is not None for part in parts.values()) else {}
 
 
 def build_for_fit(model: keras.Model) -> None:

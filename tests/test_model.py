@@ -18,6 +18,7 @@ from pipeline.model import (
     build_model,
     check_unfreeze_after,
     compile_model,
+    compiled_metrics,
     create_base,
     resolve_unfreeze_after,
     set_trainable,
@@ -193,3 +194,36 @@ def test_compile_model_builds_before_fit_so_the_train_step_is_traced_once(ours, 
     x, y = np.random.default_rng(0).random((8, 8, 8, 3), "float32"), np.eye(3, dtype="float32")[np.arange(8) % 3]
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     assert len(count) == traces
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_new_phase_keeps_the_traced_validation_step_and_validates_its_own_weights(keep):
+    """compile_model keeps the traced validation step across phases (training=False does not depend on
+    which layers train). Keras's compile is the control: it drops the step, which is traced again."""
+    inputs = keras.Input((8, 8, 3))
+    conv = layers.Conv2D(4, 3, name="conv")
+    x = layers.GlobalAveragePooling2D()(layers.BatchNormalization()(conv(inputs)))
+    model = keras.Model(inputs, layers.Dense(3, activation="softmax", name="head")(x))
+    count, step = [], model.test_step
+    model.test_step = lambda data: count.append(1) or step(data)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((8, 8, 8, 3), "float32"), np.eye(3, dtype="float32")[np.arange(8) % 3]
+    conv.trainable = False
+    compile_model(model, "adam", 1e-3)
+    first = model.fit(x, y, validation_data=(x, y), batch_size=4, epochs=1, verbose=0).history
+    conv.trainable = True  # the next phase: another optimizer, more layers training
+    if keep:
+        compile_model(model, "sgd", 0.5)
+    else:
+        loss = keras.losses.CategoricalCrossentropy()
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss, **compiled_metrics(3), jit_compile=False)
+    logs = model.fit(x, y, validation_data=(x, y), batch_size=4, epochs=1, verbose=0).history
+    assert len(count) == (1 if keep else 2)
+    # The kept step validates the weights as they are now, exactly as a freshly traced one does.
+    fresh = keras.models.clone_model(model)
+    fresh.set_weights(model.get_weights())
+    compile_model(fresh, "sgd", 0.5)
+    scores = fresh.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
+    assert logs["val_loss"][-1] == pytest.approx(scores["loss"], abs=1e-6)
+    assert logs["val_macro_f1"][-1] == pytest.approx(scores["macro_f1"], abs=1e-6)
+    assert abs(logs["val_loss"][-1] - first["val_loss"][-1]) > 1e-4  # control: the weights did change
