@@ -128,7 +128,6 @@ def test_smoke_experiment_shrinks_the_run():
     config, _ = to_config(hydra_compose("experiment=smoke"))
     assert config.data.image_size == 75 and config.model.weights is None
     assert config.train.head.epochs == 1 and config.train.finetune.epochs == 1
-    assert config.checkpoint.asynchronous is False  # the default (true) is asked for by the tests of it
 
 
 def test_wrong_type_is_refused_while_composing():

@@ -11,8 +11,7 @@ the test records what was in progress, from the files a write leaves while it ru
 phase line; `pytest -s` prints it, a failure shows it.
 
 The smoke configuration with checkpoints after every batch (3 per epoch, one epoch per phase),
-and the default checkpoint settings, asynchronous h5, since they are what users run (the smoke
-experiment itself writes synchronously).
+and the default checkpoint settings, asynchronous h5, since they are what users run.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from conftest import REPO, cli_env, final_weights, largest_difference, run_args
 
 pytestmark = pytest.mark.e2e
 SEED = 13  # of the kill delays; another seed moves every kill
-ARGS = ["checkpoint.every_batches=1", "checkpoint.asynchronous=true"]
+ARGS = ["checkpoint.every_batches=1"]
 EPOCH_END = r"^\d+/\d+ - .*val_accuracy"  # Keras's line at an epoch's end, validation done
 
 
