@@ -45,13 +45,16 @@ lint: $(STAMP) ## ruff (lint and format check) and mypy, as CI runs them; settin
 # Two test processes: half of an end-to-end test is single-threaded start-up and
 # tracing, so one process leaves a core idle (timings: docs/speed.md).
 # Whole files go to one process so module fixtures (one training run each) run once.
+# --no-loadscope-reorder: hand the files out in collection order, longest first
+# (tests/conftest.py), not xdist's order by number of tests, which left the kill
+# campaign (two tests, 4 minutes) running alone at the end.
 JOBS ?= 2
 
 test: $(STAMP) ## run the whole test suite (unit + end-to-end); TESTS=path narrows it, JOBS=1 runs it in one process
-	$(PY) -m pytest -n $(JOBS) --dist loadfile $(TESTS)
+	$(PY) -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder $(TESTS)
 
 test-fast: $(STAMP) ## the quick check: everything but the end-to-end tests (marked e2e); TESTS=, JOBS= as for test
-	$(PY) -m pytest -n $(JOBS) --dist loadfile -m "not e2e" $(TESTS)
+	$(PY) -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder -m "not e2e" $(TESTS)
 
 bench: $(STAMP) ## pipeline vs the classic recipe, and where the time goes (not a test); ARGS=--quick
 	$(PY) -m pipeline.bench $(ARGS)
