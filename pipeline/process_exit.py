@@ -34,9 +34,10 @@ def exit_code_of(main: Callable[[], object]) -> int:
 
 def end_process(code: int) -> NoReturn:
     """Finish what the teardown would have finished, then end the process with `code` at once."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # Python's own exit, in its order: threading's exit hooks (which tell idle
+    # ThreadPoolExecutor workers to stop: joined without them, they wait forever),
+    # then every non-daemon thread joined, then the atexit handlers.
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

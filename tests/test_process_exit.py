@@ -9,6 +9,7 @@ import pytest
 SCRIPT = textwrap.dedent(
     """
     import atexit, sys, threading, time
+    from concurrent.futures import ThreadPoolExecutor
     from pipeline.process_exit import run_then_end
 
     class Big:  # stands for TensorFlow's graphs: freed one by one by the teardown
@@ -16,6 +17,7 @@ SCRIPT = textwrap.dedent(
             print("teardown ran", flush=True)
 
     kept = Big()
+    pools = []
     atexit.register(lambda: print("atexit ran"))
 
     def late_write():  # a checkpoint still being written when main returns
@@ -24,6 +26,10 @@ SCRIPT = textwrap.dedent(
 
     def main():
         threading.Thread(target=late_write).start()
+        # A thread pool left open and still referenced, as a library's often is: joined without
+        # threading's exit hooks, its idle workers would wait for work forever.
+        pools.append(ThreadPoolExecutor(2))
+        pools[0].submit(time.sleep, 0.1)
         sys.stdout.write("unflushed line without newline")
         {ending}
 
