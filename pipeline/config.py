@@ -102,7 +102,6 @@ class TrainConfig:
 
     seed: int = MISSING
     deterministic: bool = MISSING
-    optimize_graphs: bool = MISSING
     threads: int = MISSING
     precision: str = MISSING
     cache_dir: str = MISSING

@@ -123,9 +123,6 @@ def configure_tensorflow(cfg: Config) -> None:
     keras.utils.set_random_seed(cfg.train.seed)
     grow_gpu_memory()
     set_precision(cfg.train.precision)
-    # Grappler rewrites each traced function before its first run (fusing, folding): faster
-    # steps for a long run, seconds of every phase's first step for a short one (docs/speed.md).
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not cfg.train.optimize_graphs})
     if cfg.train.threads:
         set_threads(tf.config.threading.set_intra_op_parallelism_threads, cfg.train.threads)
     if cfg.train.deterministic:

@@ -53,9 +53,6 @@ def calibrated_weights(tmp_path_factory, tiny_data):
     return path
 
 
-DEFAULT_GRAPHS = "train.optimize_graphs=true"
-
-
 def args_for(tmp, data, weights, *extra):
     return run_args(tmp, data, f"model.weights={weights}", *PHASES, *extra)
 
@@ -164,9 +161,7 @@ def test_the_defaults_with_pretrained_weights_cache_once_for_both_phases_and_res
     cached_reference, tmp_path, tiny_data, calibrated_weights
 ):
     killed_dir, whole_dir = tmp_path / "killed", tmp_path / "uninterrupted"
-    # No cache settings: the defaults, with TensorFlow's graph optimizer on as it is by default
-    # (experiment=smoke turns it off).
-    args = args_for(killed_dir, tiny_data, calibrated_weights, DEFAULT_GRAPHS)
+    args = args_for(killed_dir, tiny_data, calibrated_weights)  # no cache settings: the defaults
     killed = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_KILL_AT="after_manifest#2"))  # the head phase is done
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert killed.stdout.count("feature cache: computing") == 1, killed.stdout
@@ -191,7 +186,7 @@ def test_the_defaults_with_pretrained_weights_cache_once_for_both_phases_and_res
     assert "feature cache: computing" not in resumed.stdout
     assert "feature cache: reusing" in resumed.stdout and "(2 views at mixed8)" in resumed.stdout
 
-    whole = run_cli(*args_for(whole_dir, tiny_data, calibrated_weights, DEFAULT_GRAPHS), cwd=REPO)
+    whole = run_cli(*args_for(whole_dir, tiny_data, calibrated_weights), cwd=REPO)
     assert whole.returncode == 0, whole.stdout + whole.stderr
     assert largest_difference(final_weights(whole_dir), final_weights(killed_dir)) <= 1e-5
     # Control: fine-tuning on views of its own (the reference, K=1 for the fine-tune phase) ends far

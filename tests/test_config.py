@@ -6,8 +6,6 @@ import ast
 import dataclasses
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 from conftest import REPO, run_cli
@@ -130,29 +128,6 @@ def test_smoke_experiment_shrinks_the_run():
     config, _ = to_config(hydra_compose("experiment=smoke"))
     assert config.data.image_size == 75 and config.model.weights is None
     assert config.train.head.epochs == 1 and config.train.finetune.epochs == 1
-    assert (
-        config.train.optimize_graphs is False
-    )  # the default, true, is what test_cached_phase_e2e's defaults test runs
-
-
-def test_optimize_graphs_switches_tensorflow_s_graph_optimizer(tmp_path):
-    """In a fresh process, as a run sets it: TensorFlow's own option follows train.optimize_graphs."""
-    script = (
-        "import sys\n"
-        "from pipeline.quiet import import_tensorflow_quietly\n"
-        "import_tensorflow_quietly()\n"
-        "import tensorflow as tf\n"
-        "from pipeline.defaults import compose_config\n"
-        "from pipeline.train import configure_tensorflow\n"
-        "for overrides in ([], ['experiment=smoke'], ['train.optimize_graphs=false']):\n"
-        "    configure_tensorflow(compose_config([f'data.dir={sys.argv[1]}', *overrides]))\n"
-        "    print(tf.config.optimizer.get_experimental_options().get('disable_meta_optimizer'))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "True", "True"]
 
 
 def test_wrong_type_is_refused_while_composing():
