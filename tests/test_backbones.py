@@ -9,7 +9,7 @@ import socket
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, assert_exports_answer, composed_defaults, from_conf, run_cli
+from conftest import REPO, assert_exports_answer, composed_defaults, from_conf, run_cli, settle_batchnorm
 from keras import layers
 
 from pipeline.backbones import BACKBONES
@@ -196,23 +196,6 @@ def test_export_serves_what_the_model_answers(models, tmp_path, name):
     # Control: the answers differ between inputs, so agreeing above is not agreeing on a constant.
     other = model(x[:, ::-1], training=False).numpy()
     assert np.abs(other - expected).max() > 1e-6
-
-
-def settle_batchnorm(model: keras.Model, batch: np.ndarray, calls: int = 30) -> None:
-    """What `calls` training-mode calls on `batch` do to every BatchNorm layer's moving statistics, in one.
-
-    Each call normalises with the batch's own statistics, the same every time, so `calls` of them
-    leave momentum**calls of the initial statistics: one call with that momentum leaves the same.
-    30 calls took 25 s for EfficientNetV2B0. (Momentum 0, the batch's statistics alone, left
-    EfficientNetV2B0 answering a saturated softmax, the same for every input.)
-    """
-    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    momentum = [layer.momentum for layer in norms]
-    for layer in norms:
-        layer.momentum = layer.momentum**calls
-    model(batch, training=True)
-    for layer, kept in zip(norms, momentum, strict=True):
-        layer.momentum = kept
 
 
 def test_gpus_grow_their_memory(monkeypatch):

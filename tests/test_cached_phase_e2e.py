@@ -16,8 +16,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, cli_env, final_weights, from_conf, largest_difference, run_args, run_cli
-from keras import layers
+from conftest import REPO, cli_env, final_weights, from_conf, largest_difference, run_args, run_cli, settle_batchnorm
 
 from pipeline.data.dataset import load_image, read_dataset, validation_batches
 from pipeline.model import build_model
@@ -44,10 +43,7 @@ def calibrated_weights(tmp_path_factory, tiny_data):
     decoding = from_conf("data")
     paths = sorted(tiny_data.rglob("*.jpg"))
     images = np.stack([load_image(str(p), 75, decoding.interpolation, decoding.max_pixels) for p in paths]) / 127.5 - 1
-    for layer in base.layers:
-        if isinstance(layer, layers.BatchNormalization):
-            layer.momentum = 0.0  # the moving statistics become this batch's
-    base(images, training=True)
+    settle_batchnorm(base, images, calls=None)  # the moving statistics become this batch's
     path = tmp_path_factory.mktemp("weights") / "calibrated.weights.h5"
     base.save_weights(str(path))
     return path
