@@ -1,4 +1,5 @@
-"""Cached phases in real subprocesses: the same weights as uncached training, kill -9 and resume, bf16.
+"""Cached phases in real subprocesses: the same weights as uncached training, kill -9 and resume, the
+defaults in bf16.
 
 A scratch base in inference mode (its BatchNorm statistics still the initial
 0 and 1) yields features of about 1e-4, on which any two head trainings look
@@ -111,35 +112,63 @@ def test_kill_9_while_caching_and_in_the_cached_phase_then_resume_exactly(
     assert largest_difference(cached_reference[1], final_weights(tmp_path)) <= 1e-5
 
 
-def test_mixed_bfloat16_resumes_exactly_within_its_precision_and_its_final_model_loads(
+def test_the_defaults_in_bf16_cache_once_for_both_phases_and_resume_exactly_mid_fine_tune(
     cached_reference, tmp_path, tiny_data, calibrated_weights
 ):
-    # Checkpoints after every batch, 3 an epoch; SIGKILL right after the 7th, the fine-tune phase's
-    # first: the resumed run goes on inside a bf16 phase from a checkpoint's weights and optimizer slots.
+    """The defaults with a weights file (2 views at mixed8, computed once for both phases) under
+    mixed_bfloat16, checkpointed after every batch (3 an epoch) and SIGKILLed right after the 7th
+    commit, the fine-tune phase's first: the resumed run goes on inside a cached bf16 phase from a
+    checkpoint's weights and optimizer slots, and ends with the uninterrupted run's weights."""
     killed_dir, whole_dir = tmp_path / "killed", tmp_path / "uninterrupted"
-    args = [*CACHED, "train.precision=mixed_bfloat16", "checkpoint.every_batches=1"]
-    killed = run_cli(
-        *args_for(killed_dir, tiny_data, calibrated_weights, *args),
-        cwd=REPO,
-        env=cli_env(PIPELINE_KILL_AT="after_manifest#7"),
-    )
+    settings = ["train.precision=mixed_bfloat16", "checkpoint.every_batches=1"]  # no cache settings: the defaults
+    args = args_for(killed_dir, tiny_data, calibrated_weights, *settings)
+    killed = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_KILL_AT="after_manifest#7"))
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    resumed = run_cli(*args_for(killed_dir, tiny_data, calibrated_weights, *args), cwd=REPO)
+    assert "finetune epoch 1/1" in killed.stdout, killed.stdout
+    assert killed.stdout.count("feature cache: computing") == 1, killed.stdout
+    assert "feature cache: computing 2 view(s) of 12 training and 6 validation images at mixed8" in killed.stdout
+    assert "feature cache: pooling the 2 view(s) at mixed8 for the head phase" in killed.stdout
+    entries = {p.name.rsplit("-", 1)[0]: p for p in (killed_dir / "cache").iterdir()}
+    assert sorted(entries) == ["mixed8", "pool_from_mixed8"]
+
+    # The pooled features derived from mixed8 are what the base's pooling puts out for the same images,
+    # in bf16 as the run computed them (equal here; the float32 base's differ by twice their size).
+    cfg = from_conf("data", dir=str(tiny_data), image_size=75, batch_size=4, workers=0)
+    data = read_dataset(cfg)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_model(from_conf("model", weights=str(calibrated_weights)), len(data.class_names), 75)
+        direct = np.asarray(split_at(model, "pool")[0].predict(validation_batches(data, cfg), verbose=0), "float32")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    derived = np.load(entries["pool_from_mixed8"] / "validation.npy")
+    assert derived.shape == direct.shape == (6, 2048)
+    assert np.abs(derived - direct).max() <= 1e-4 * np.abs(direct).max()
+    assert np.abs(direct).max() > 0.1, "calibrated features are of order 1, so a wrong route would show"
+
+    resumed = run_cli(*args, cwd=REPO)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert re.search(r"resume: from checkpoint transfer_03-\S*-b00001", resumed.stdout), resumed.stdout
-    whole = run_cli(*args_for(whole_dir, tiny_data, calibrated_weights, *args), cwd=REPO)
+    assert "feature cache: computing" not in resumed.stdout
+    assert "feature cache: reusing" in resumed.stdout and "(2 views at mixed8)" in resumed.stdout
+
+    whole = run_cli(*args_for(whole_dir, tiny_data, calibrated_weights, *settings), cwd=REPO)
     assert whole.returncode == 0, whole.stdout + whole.stderr
     # The float32 tolerance holds: under mixed_bfloat16 the variables and optimizer slots stay float32
     # and are restored bit for bit, and op determinism rounds to bf16 alike in both runs. A real
     # divergence would not hide below it, since bf16 keeps 8 bits of mantissa (steps of 0.4%).
     assert largest_difference(final_weights(whole_dir), final_weights(killed_dir)) <= 1e-5
-    # ...and bf16 was in effect: the float32 run of the same phases ends far from it.
-    assert largest_difference(cached_reference[1], final_weights(killed_dir)) > 1e-3
+    # Control: float32 fine-tuning on views of its own (the reference, K=1 for the fine-tune phase) ends far away.
+    assert largest_difference(cached_reference[1], final_weights(killed_dir)) > 1e-4
+    # bf16 was in effect, and the final file loads in a fresh process: the base computes in bf16,
+    # the softmax in float32, and its answers are float32 probabilities.
     script = (
         "import sys, numpy as np, keras\n"
         "m = keras.models.load_model(sys.argv[1])\n"
         "p = m.predict(np.full((1, 75, 75, 3), 128.0, 'float32'), verbose=0)\n"
-        "print(m.get_layer('predictions').dtype_policy.name, p.dtype, round(float(p.sum()), 3))\n"
+        "base = m.get_layer('inception_v3')\n"
+        "print(base.get_layer('conv2d').dtype_policy.name, m.get_layer('predictions').dtype_policy.name, p.dtype,"
+        " round(float(p.sum()), 3))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script, str(killed_dir / "model" / "final.h5")],
@@ -150,41 +179,4 @@ def test_mixed_bfloat16_resumes_exactly_within_its_precision_and_its_final_model
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-3:] == ["float32", "float32", "1.0"]
-
-
-def test_the_defaults_with_pretrained_weights_cache_once_for_both_phases_and_resume_exactly(
-    cached_reference, tmp_path, tiny_data, calibrated_weights
-):
-    killed_dir, whole_dir = tmp_path / "killed", tmp_path / "uninterrupted"
-    args = args_for(killed_dir, tiny_data, calibrated_weights)  # no cache settings: the defaults
-    killed = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_KILL_AT="after_manifest#2"))  # the head phase is done
-    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    assert killed.stdout.count("feature cache: computing") == 1, killed.stdout
-    assert "feature cache: computing 2 view(s) of 12 training and 6 validation images at mixed8" in killed.stdout
-    assert "feature cache: pooling the 2 view(s) at mixed8 for the head phase" in killed.stdout
-    entries = {p.name.rsplit("-", 1)[0]: p for p in (killed_dir / "cache").iterdir()}
-    assert sorted(entries) == ["mixed8", "pool_from_mixed8"]
-
-    # The pooled features derived from mixed8 are what the base's pooling puts out for the same images.
-    cfg = from_conf("data", dir=str(tiny_data), image_size=75, batch_size=4, workers=0)
-    data = read_dataset(cfg)
-    model = build_model(from_conf("model", weights=str(calibrated_weights)), len(data.class_names), 75)
-    direct = split_at(model, "pool")[0].predict(validation_batches(data, cfg), verbose=0)
-    derived = np.load(entries["pool_from_mixed8"] / "validation.npy")
-    assert derived.shape == direct.shape == (6, 2048)
-    assert np.abs(derived - direct).max() <= 1e-4 * np.abs(direct).max()
-    assert np.abs(direct).max() > 0.1, "calibrated features are of order 1, so a wrong route would show"
-
-    resumed = run_cli(*args, cwd=REPO)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resume: from checkpoint transfer_02-" in resumed.stdout
-    assert "feature cache: computing" not in resumed.stdout
-    assert "feature cache: reusing" in resumed.stdout and "(2 views at mixed8)" in resumed.stdout
-
-    whole = run_cli(*args_for(whole_dir, tiny_data, calibrated_weights), cwd=REPO)
-    assert whole.returncode == 0, whole.stdout + whole.stderr
-    assert largest_difference(final_weights(whole_dir), final_weights(killed_dir)) <= 1e-5
-    # Control: fine-tuning on views of its own (the reference, K=1 for the fine-tune phase) ends far
-    # away: 8.7e-4 measured, 87 times the tolerance.
-    assert largest_difference(cached_reference[1], final_weights(killed_dir)) > 1e-4
+    assert out.stdout.split()[-4:] == ["mixed_bfloat16", "float32", "float32", "1.0"]
