@@ -159,33 +159,16 @@ def test_make_help_lists_every_target():
         assert f"make {target} " in out
 
 
-def test_multirun_jobs_never_share_checkpoints_or_models(tmp_path, tiny_data):
-    args = sweep_args(tmp_path, tiny_data, "train.finetune.epochs=0")
-    result = run_cli("-m", *args, "train.head.lr=0.001,0.002", cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    jobs = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert len(jobs) == 2 and all("train.head.lr=0.00" in j for j in jobs)
-    for job in jobs:
-        assert len(list((tmp_path / "ckpt" / job).glob("*.manifest.json"))) == 1
-        assert (tmp_path / "model" / job / "final.h5").exists()
+def summary_rows(tmp_path) -> list[dict]:
     with open(tmp_path / "multirun" / "summary.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert sorted(r["job"] for r in rows) == jobs
-    assert all(r["status"] == "trained" and 0 <= float(r["best"]) <= 1 and r["epochs"] == "1" for r in rows)
-    # Each job trains in its own process, so the second does not inherit the first's memory.
-    first, second = (float(r["peak_mb"]) for r in sorted(rows, key=lambda r: r["job"]))
-    assert second <= 1.1 * first, (first, second)
-    # the same sweep again: every job finds its own finished run
-    again = run_cli("-m", *args, "train.head.lr=0.001,0.002", cwd=REPO)
-    assert again.returncode == 0 and again.stdout.count("This run is already complete") == 2
-    with open(tmp_path / "multirun" / "summary.csv") as f:
-        assert [r["status"] for r in csv.DictReader(f)] == ["already complete"] * 2
+        return list(csv.DictReader(f))
 
 
-def test_a_long_named_sweep_job_resumes_when_its_epochs_are_raised(tmp_path, tiny_data):
-    """A long data path with an Optuna-like float: the job folders stay within 255 bytes (Errno 36
-    before); raising the epochs resumes the job in the same folders (a fresh start before); and an
-    earlier sweep's failed job left in multirun/ does not fail this sweep (exit 2 before)."""
+def test_sweep_jobs_never_share_folders_stay_within_255_bytes_and_resume_when_epochs_are_raised(tmp_path, tiny_data):
+    """Two jobs with a long data path and an Optuna-like float: each its own checkpoints and model, in
+    folders within 255 bytes (Errno 36 before); raising the epochs resumes each job in its own folders
+    (a fresh start before); the same sweep again finds them complete; and an earlier sweep's failed job
+    left in multirun/ does not fail these sweeps (exit 2 before)."""
     data = tmp_path / ("photos-of-shapes-" + "resized-" * 16)
     shutil.copytree(tiny_data, data)
     earlier = tmp_path / "multirun" / "model.dropout=1.5"
@@ -193,39 +176,45 @@ def test_a_long_named_sweep_job_resumes_when_its_epochs_are_raised(tmp_path, tin
     (earlier / "result.json").write_text(
         json.dumps({"overrides": ["model.dropout=1.5"], "status": "error: model.dropout=1.5 must be in [0, 1)"})
     )
-    args = sweep_args(tmp_path, data, "train.finetune.epochs=0", "model.dropout=0.4753571532049581")
-    first = run_cli("-m", *args, cwd=REPO)
-    assert first.returncode == 0, first.stdout + first.stderr
-    (job,) = (tmp_path / "ckpt").iterdir()
-    assert len(job.name.encode()) <= 255 and "model.dropout=0.4754" in job.name and "epochs" not in job.name
-
-    again = run_cli("-m", *args, "train.head.epochs=2", cwd=REPO)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "resume: from checkpoint transfer_01" in again.stdout
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [job.name]
-    assert (tmp_path / "model" / job.name / "final.h5").is_file()
-    with open(tmp_path / "multirun" / "summary.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["job"], r["status"], r["epochs"]) for r in rows] == [(job.name, "trained", "2")]
-
-
-def test_parallel_launcher_runs_jobs_side_by_side_in_their_own_folders(tmp_path, tiny_data):
-    args = sweep_args(tmp_path, tiny_data, "train.finetune.epochs=0")
-    result = run_cli("-m", "launcher=parallel", *args, "model.dropout=0.1,0.3", cwd=REPO)
+    args = [*sweep_args(tmp_path, data, "train.finetune.epochs=0", "model.dropout=0.4753571532049581")]
+    result = run_cli("-m", *args, "train.head.lr=0.001,0.002", cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
+    jobs = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert len(jobs) == 2 and all("train.head.lr=0.00" in j for j in jobs), jobs
+    for job in jobs:
+        assert len(job.encode()) <= 255 and "model.dropout=0.4754" in job and "epochs" not in job
+        assert len(list((tmp_path / "ckpt" / job).glob("*.manifest.json"))) == 1
+        assert (tmp_path / "model" / job / "final.h5").exists()
+    rows = summary_rows(tmp_path)
+    assert sorted(r["job"] for r in rows) == jobs  # this sweep's jobs only
+    assert all(r["status"] == "trained" and 0 <= float(r["best"]) <= 1 and r["epochs"] == "1" for r in rows)
+    # Each job trains in its own process, so the second does not inherit the first's memory.
+    first, second = (float(r["peak_mb"]) for r in sorted(rows, key=lambda r: r["job"]))
+    assert second <= 1.1 * first, (first, second)
+
+    raised = [*args, "train.head.lr=0.001,0.002", "train.head.epochs=2"]
+    again = run_cli("-m", *raised, cwd=REPO)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("resume: from checkpoint transfer_01") == 2, again.stdout
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == jobs
+    assert all((tmp_path / "model" / job / "final.h5").is_file() for job in jobs)
+    assert sorted((r["job"], r["status"], r["epochs"]) for r in summary_rows(tmp_path)) == [
+        (job, "trained", "2") for job in jobs
+    ]
+    # the same sweep again: every job finds its own finished run
+    complete = run_cli("-m", *raised, cwd=REPO)
+    assert complete.returncode == 0 and complete.stdout.count("This run is already complete") == 2
+    assert [r["status"] for r in summary_rows(tmp_path)] == ["already complete"] * 2
+
+
+def test_parallel_jobs_run_side_by_side_in_their_own_folders_and_a_bad_one_does_not_stop_them(tmp_path, tiny_data):
+    args = sweep_args(tmp_path, tiny_data, "train.finetune.epochs=0")
+    result = run_cli("-m", "launcher=parallel", *args, "model.dropout=1.5,0.1,0.3", cwd=REPO)
+    assert result.returncode == 2, result.stdout + result.stderr
     assert "Joblib" in result.stdout + result.stderr
+    assert "1 of 3 jobs failed" in result.stderr and "Traceback" not in result.stderr
+    statuses = sorted(r["status"] for r in summary_rows(tmp_path))
+    assert statuses[0].startswith("error: model.dropout=1.5") and statuses[1:] == ["trained", "trained"]
     jobs = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert len(jobs) == 2 and all((tmp_path / "model" / job / "final.h5").exists() for job in jobs)
-    with open(tmp_path / "multirun" / "summary.csv") as f:
-        assert sorted(r["status"] for r in csv.DictReader(f)) == ["trained", "trained"]
-
-
-def test_a_bad_job_is_recorded_and_the_rest_of_the_sweep_still_runs(tmp_path, tiny_data):
-    args = sweep_args(tmp_path, tiny_data, "train.finetune.epochs=0")
-    result = run_cli("-m", *args, "model.dropout=1.5,0.1", cwd=REPO)
-    assert result.returncode == 2
-    assert "1 of 2 jobs failed" in result.stderr and "Traceback" not in result.stderr
-    with open(tmp_path / "multirun" / "summary.csv") as f:
-        statuses = sorted(r["status"] for r in csv.DictReader(f))
-    assert statuses[0].startswith("error: model.dropout=1.5") and statuses[1] == "trained"
-    assert len(list((tmp_path / "model").glob("*/final.h5"))) == 1
+    assert len(list((tmp_path / "model").glob("*/final.h5"))) == 2
