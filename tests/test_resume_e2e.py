@@ -49,29 +49,31 @@ def killed_then_resumed(tmp, data, kill_at, *extra):
 
 
 @pytest.mark.parametrize(
-    "fmt, kill_at",
+    "fmt, kills",
     [
-        ("h5", "after_write#2"),  # files written, nothing renamed into place
-        ("weights_h5", "before_manifest#2"),  # files in place, manifest not yet committed
-        ("tf_checkpoint", "after_manifest#2"),  # committed, intent record not yet removed
-        ("keras", "final_before_rename"),  # during the final save
-        ("keras+async", "before_manifest#2"),  # the background writer, killed before its commit
+        ("h5", ["after_write#2"]),  # files written, nothing renamed into place
+        ("weights_h5", ["before_manifest#2"]),  # files in place, manifest not yet committed
+        ("tf_checkpoint", ["after_manifest#2"]),  # committed, intent record not yet removed
+        # the background writer killed before its commit; the same command then killed during the final save
+        ("keras+async", ["before_manifest#2", "final_before_rename"]),
     ],
+    ids=["h5", "weights_h5", "tf_checkpoint", "keras+async"],
 )
-def test_kill_inside_a_save_step_resumes_exactly_in_every_format(reference, tmp_path, tiny_data, fmt, kill_at):
+def test_kill_inside_a_save_step_resumes_exactly_in_every_format(reference, tmp_path, tiny_data, fmt, kills):
     fmt, _, asynchronous = fmt.partition("+")
     extra = (f"checkpoint.format={fmt}", f"checkpoint.asynchronous={'true' if asynchronous else 'false'}")
     # Killed during the final save with a model from before in place (the reference's epoch 1 stands
     # in for it): the old file stays whole until the new one replaces it.
     previous = tmp_path / "model" / "final.h5"
-    if kill_at == "final_before_rename":
+    if "final_before_rename" in kills:
         previous.parent.mkdir()
         shutil.copy(next((reference[0] / "ckpt").glob("transfer_01-*.h5")), previous)
     old_bytes = previous.read_bytes() if previous.exists() else None
-    first = run_cli(*args_for(tmp_path, tiny_data, *extra), cwd=REPO, env=cli_env(PIPELINE_KILL_AT=kill_at))
-    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
-    if old_bytes is not None:
-        assert previous.read_bytes() == old_bytes
+    for kill_at in kills:
+        first = run_cli(*args_for(tmp_path, tiny_data, *extra), cwd=REPO, env=cli_env(PIPELINE_KILL_AT=kill_at))
+        assert first.returncode == -signal.SIGKILL, (kill_at, first.stdout + first.stderr)
+        if old_bytes is not None:
+            assert previous.read_bytes() == old_bytes, kill_at
     second = run_cli(*args_for(tmp_path, tiny_data, *extra), cwd=REPO)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resume: from checkpoint transfer_0" in second.stdout
