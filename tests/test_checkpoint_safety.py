@@ -60,41 +60,42 @@ def test_sigterm_at_the_last_batch_leaves_the_checkpoint_to_the_epoch_end():
 
 
 @pytest.mark.e2e
-def test_sigterm_in_an_epochs_only_batch_stops_after_the_epoch_and_resumes(tmp_path, tiny_data):
-    # Batches of 16 from 12 training images: one batch per epoch, so a SIGTERM
-    # during training always lands in the epoch's last batch.
-    args = run_args(tmp_path, tiny_data, "data.batch_size=16", "train.head.epochs=2", "train.finetune.epochs=0")
+def test_sigterm_in_an_epochs_only_batch_and_then_during_the_last_write_each_commit_and_resume(tmp_path, tiny_data):
+    """Two SIGTERMs to the same command, then the run it finishes.
+
+    1. Batches of 16 from 12 training images: one batch per epoch, so a SIGTERM during training
+       always lands in the epoch's last batch; the run stops after the epoch, with the epoch-end
+       checkpoint (a batch-end one at batch 1 of 1 would resume into an epoch with no batches left).
+    2. (7) The writer pauses just before committing the last epoch's checkpoint; by then training is
+       over and the main thread is waiting for it, the moment the handler used to be gone already.
+    """
+    args = run_args(
+        tmp_path,
+        tiny_data,
+        "data.batch_size=16",
+        "train.head.epochs=2",
+        "train.finetune.epochs=0",
+        "checkpoint.asynchronous=true",
+    )
     code, text = sigterm_when(args, "head epoch 1/2")
     assert code == 128 + signal.SIGTERM, text
     assert "stopped on SIGTERM after epoch 1;" in text
     (manifest,) = [json.loads(p.read_text()) for p in (tmp_path / "ckpt").glob("*" + MANIFEST)]
     assert (manifest["state"]["epoch"], manifest["state"]["batch"]) == (1, 0)
     assert not math.isnan(manifest["logs"]["val_accuracy"])  # the epoch-end checkpoint, validated
-    second = run_cli(*args, cwd=REPO)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert f"resume: from checkpoint {manifest['stem']}" in second.stdout
-    assert (tmp_path / "model" / "final.h5").exists()
 
-
-# ---- 7. SIGTERM while the last background checkpoint is written ------------
-
-
-@pytest.mark.e2e
-def test_sigterm_while_the_last_checkpoint_is_written_lets_it_commit(tmp_path, tiny_data):
-    args = run_args(
-        tmp_path, tiny_data, "train.head.epochs=1", "train.finetune.epochs=0", "checkpoint.asynchronous=true"
-    )
-    # The writer pauses just before its commit; by then training is over and the
-    # main thread is waiting for it, the moment the handler used to be gone already.
     code, text = sigterm_when(args, "paused at before_manifest", cli_env(PIPELINE_PAUSE_AT="before_manifest"))
     assert code == 128 + signal.SIGTERM, text
+    assert f"resume: from checkpoint {manifest['stem']}" in text
     assert "stopped on SIGTERM after the last checkpoint committed" in text
-    (ckpt,) = list_checkpoints(tmp_path / "ckpt")
-    assert verify(ckpt) is None and f"checkpoint: {tmp_path / 'ckpt' / ckpt.stem} (h5)" in text
+    last = list_checkpoints(tmp_path / "ckpt")[-1]
+    assert last.stem.startswith("transfer_02-") and verify(last) is None
+    assert f"checkpoint: {tmp_path / 'ckpt' / last.stem} (h5)" in text
     assert not (tmp_path / "model" / "final.h5").exists()
-    second = run_cli(*args, cwd=REPO)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert f"resume: from checkpoint {ckpt.stem}" in second.stdout
+
+    third = run_cli(*args, cwd=REPO)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert f"resume: from checkpoint {last.stem}" in third.stdout
     assert (tmp_path / "model" / "final.h5").exists()
 
 
