@@ -194,44 +194,44 @@ def the_error_line(result) -> str:
 
 
 @pytest.mark.e2e
-def test_a_real_full_disk_ends_in_one_line_and_a_rerun_with_space_resumes(tmp_path, tiny_data):
-    disk = tmp_path / "disk"  # checkpoints, outputs and the final model alike
+def test_a_full_disk_at_the_history_and_then_at_the_final_save_each_end_in_one_line_and_lose_nothing(
+    tmp_path, tiny_data
+):
+    """One command three times on one disk (checkpoints, outputs and the final model alike):
+    1. the disk full at history.csv's write at the end of epoch 1 (a hook, inside fit): the epoch's
+       checkpoint still commits, the previous history file stays whole, exit 2 with one line;
+    2. the disk full for real during the final save (a 130 MiB tmpfs, or a hook where mounting is
+       refused): one line naming the model file, no temporary left, the checkpoint intact;
+    3. with space again: it resumes from that checkpoint, writes the model and the lost history row.
+    """
+    disk = tmp_path / "disk"
     args = run_args(disk, tiny_data, *ONE_EPOCH)
     with tmpfs(disk, FINAL_SAVE_FILLS) as why_not:
+        first = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_ENOSPC_AT="write_history#2"))
+        line = the_error_line(first)
+        assert "No space left on device" in line and str(disk / "outputs" / "history.csv") in line, line
+        (committed,) = list_checkpoints(disk / "ckpt")  # the epoch's training was kept
+        assert committed.stem.startswith("transfer_01-") and verify(committed) is None
+        assert read_history(disk / "outputs" / "history.csv") == []  # the previous file, whole
+
         env = cli_env()
         if why_not:
             fell_back(why_not, "final_before_rename")
             env = cli_env(PIPELINE_ENOSPC_AT="final_before_rename")
-        first = run_cli(*args, cwd=REPO, env=env)
-        line = the_error_line(first)
+        second = run_cli(*args, cwd=REPO, env=env)
+        line = the_error_line(second)
         assert "No space left on device" in line and str(disk / "model" / "final.h5") in line, line
-        (committed,) = list_checkpoints(disk / "ckpt")
-        assert committed.stem.startswith("transfer_01-") and verify(committed) is None
+        assert [c.stem for c in list_checkpoints(disk / "ckpt")] == [committed.stem] and verify(committed) is None
         assert not list((disk / "model").glob(".*tmp*")), "the failed save left its temporary file"
         if not why_not:
             subprocess.run(["mount", "-o", "remount,size=400m", str(disk)], check=True)  # space again
-        second = run_cli(*args, cwd=REPO)
-        assert second.returncode == 0, second.stdout + second.stderr
-        assert f"resume: from checkpoint {committed.stem}" in second.stdout
+        third = run_cli(*args, cwd=REPO)
+        assert third.returncode == 0, third.stdout + third.stderr
+        assert f"resume: from checkpoint {committed.stem}" in third.stdout
         assert read_metadata(disk / "model" / "final.h5")["final_checkpoint"] == committed.identity
-
-
-@pytest.mark.e2e
-def test_a_full_disk_at_the_history_still_checkpoints_the_epoch_then_stops(tmp_path, tiny_data):
-    # The hook strikes the second write of history.csv: the one at the end of epoch 1.
-    args = run_args(tmp_path, tiny_data, *ONE_EPOCH)
-    first = run_cli(*args, cwd=REPO, env=cli_env(PIPELINE_ENOSPC_AT="write_history#2"))
-    line = the_error_line(first)
-    assert "No space left on device" in line and str(tmp_path / "outputs" / "history.csv") in line, line
-    (committed,) = list_checkpoints(tmp_path / "ckpt")  # the epoch's training was kept
-    assert committed.stem.startswith("transfer_01-") and verify(committed) is None
-    assert read_history(tmp_path / "outputs" / "history.csv") == []  # the previous file, whole
-    second = run_cli(*args, cwd=REPO)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert f"resume: from checkpoint {committed.stem}" in second.stdout
-    rows = read_history(tmp_path / "outputs" / "history.csv")
-    assert [r["epoch"] for r in rows] == [1]  # the row the full disk lost, from the checkpoint
-    assert rows[0]["val_accuracy"] == committed.manifest["logs"]["val_accuracy"]
+        rows = read_history(disk / "outputs" / "history.csv")
+        assert [r["epoch"] for r in rows] == [1]  # the row the full disk lost, from the checkpoint
+        assert rows[0]["val_accuracy"] == committed.manifest["logs"]["val_accuracy"]
 
 
 def test_history_on_a_real_full_disk_is_one_error_naming_it_and_keeps_the_file(tmp_path, monkeypatch):
