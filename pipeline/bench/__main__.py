@@ -5,7 +5,7 @@ run on this machine, on the same data (the sample set, written into a scratch
 folder), and the ratios compare measurements taken one after the other, so a
 busy machine shows in both sides (the load average is printed beside each).
 
-    python -m pipeline.bench [--quick] [--only runs,startup,input,model,checkpoint,check]
+    python -m pipeline.bench [--quick] [--only runs,startup,input,model,checkpoint,check,backbones]
 
 The full bench (10 head + 5 fine-tune epochs at 150 px, both sides, plus the
 rates at 150 and 299 px) is long; `--quick` is a much shorter version (timings: docs/speed.md).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-PARTS = ("runs", "startup", "input", "model", "checkpoint", "check")
+PARTS = ("runs", "startup", "input", "model", "checkpoint", "check", "backbones")
 # (training, validation) images per class of the sample set; epochs of each phase; sizes; formats.
 FULL = {
     "per_class": (150, 40),
@@ -248,6 +248,27 @@ def bench_checkpoint(config, work: Path, args, results: dict) -> None:
         )
 
 
+def bench_backbones(config, args, results: dict) -> None:
+    """Each backbone's training rate, one after the other in this process: the head phase (base frozen)
+    and the whole network (the fine-tune phase from scratch), on in-memory tensors."""
+    from dataclasses import replace
+
+    from pipeline.backbones import BACKBONES
+    from pipeline.bench.rates import model_rate
+
+    for name in BACKBONES:
+        cfg = replace(config, model=replace(config.model, name=name))
+        rates = {
+            phase: model_rate(cfg, 3, args.image_size, args.batch_size, phase, args.plan["steps"])
+            for phase in ("head", "whole")
+        }
+        results[("backbone", name)] = rates
+        say(
+            f"backbone {name:<18} {args.image_size} px: head phase {rates['head']:6.1f} images/s, whole network "
+            f"{rates['whole']:6.1f} images/s (model alone, in-memory tensors)"
+        )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.quiet import import_tensorflow_quietly
@@ -279,6 +300,8 @@ def main(argv=None) -> int:
             bench_startup(data_dir, work, args, results)
         if "checkpoint" in args.only:
             bench_checkpoint(config, work, args, results)
+        if "backbones" in args.only:
+            bench_backbones(config, args, results)
     if "check" in args.only:
         from pipeline.bench.check_speed import report_check_speed
 
