@@ -46,6 +46,12 @@ def parse_args(argv):
     parser.add_argument("--finetune-epochs", type=int, help="override the fine-tune epochs of both runs")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument(
+        "--base-epochs",
+        type=int,
+        default=8,
+        help="epochs of pretraining the bench's stand-in for ImageNet weights (default 8; 3 left a weak base)",
+    )
+    parser.add_argument(
         "--from-scratch",
         action="store_true",
         help="random weights and the speed options by hand, as before the defaults were fast (no pretrained base)",
@@ -287,7 +293,7 @@ def main(argv=None) -> int:
             from pipeline.bench.pretrained_base import pretrained_base
 
             say("pretraining the bench's base (whole network, 2 of the sample classes, another seed) ...")
-            args.base = pretrained_base(work, args.image_size)
+            args.base = pretrained_base(work, args.image_size, args.base_epochs)
         configure_tensorflow(config)  # the pipeline's defaults (op determinism), as its runs have them
         say(f"bench: {'quick' if args.quick else 'full'}, data {data_dir}, {os.cpu_count()} cores")
         if "runs" in args.only:

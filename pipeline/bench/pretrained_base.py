@@ -21,9 +21,9 @@ PRETRAIN_CLASSES = ("circle", "square")
 PRETRAIN_SEED = 7  # the bench's own data set is drawn with seed 0
 
 
-def pretrained_base(work: Path, image_size: int, epochs: int = 3) -> Path:
+def pretrained_base(work: Path, image_size: int, epochs: int = 8) -> Path:
     """The no-top weights file in `work`, trained once and reused by later bench runs with the same --work."""
-    path = work / f"pretrained_base_{image_size}px.weights.h5"
+    path = work / f"pretrained_base_{image_size}px_{epochs}epochs.weights.h5"
     if path.is_file():
         return path
     data_dir = pretraining_data(work / "pretrain_data")
