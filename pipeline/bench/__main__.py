@@ -49,7 +49,7 @@ def parse_args(argv):
         "--base-epochs",
         type=int,
         default=8,
-        help="epochs of pretraining the bench's stand-in for ImageNet weights (default 8; 3 left a weak base)",
+        help="epochs of pretraining the bench's stand-in for ImageNet weights (%(default)s; 3 left a weak base)",
     )
     parser.add_argument(
         "--from-scratch",

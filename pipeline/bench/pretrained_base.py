@@ -23,13 +23,14 @@ PRETRAIN_SEED = 7  # the bench's own data set is drawn with seed 0
 
 def pretrained_base(work: Path, image_size: int, epochs: int) -> Path:
     """The no-top weights file in `work`, trained once and reused by later bench runs with the same --work."""
-    path = work / f"pretrained_base_{image_size}px_{epochs}epochs.weights.h5"
+    made_as = f"{image_size}px_{epochs}epochs"
+    path = work / f"pretrained_base_{made_as}.weights.h5"
     if path.is_file():
         return path
     data_dir = pretraining_data(work / "pretrain_data")
     # Its own run folder per size and epochs: another --base-epochs would otherwise resume this run and
     # stretch its schedule, and another size would be refused by the checkpoints' fingerprint.
-    run_dir = work / f"pretrain_run_{image_size}px_{epochs}epochs"
+    run_dir = work / f"pretrain_run_{made_as}"
     command = [
         sys.executable,
         "-m",
